@@ -1,0 +1,398 @@
+"""Model-poisoning attacks: what the malicious clients upload in a round.
+
+Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A3-A10, and
+``reference/fedredefense-official-code.md`` sec. 3 (what the official FedREDefense code does).
+
+Conventions (those of ``fl.py``):
+- Parameters and updates are flat vectors; an update is ``g = w_local - w_global``; a set of updates is ``[n, d]``.
+- Crafted attacks (``CRAFTED``) start from ``honest`` ``[q, d]``: the genuine updates the ``q`` attacking clients
+  computed this round by training honestly on their own data. They collude and pool those updates, but see no
+  benign client's update: the *partial-knowledge* setting of FedREDefense Sec. 3 and of its official code
+  (ALGORITHMS.md sec. 1, "Collusion protocol"). Every function also accepts any other known set (e.g. all benign
+  updates, for full knowledge).
+- Backdoor attacks (``BACKDOOR``) poison the local training itself (``backdoor_update``).
+- Every random draw uses the ``torch.Generator`` passed in (a CPU generator) and is made on the CPU, then moved to
+  the input's device, so the same seed gives the same attack on every device.
+- Fewer than 2 known updates leave the standard deviation undefined; the statistics-based attacks (Fang, LIE,
+  Min-Max, Min-Sum) then send the zero update, as the official FedREDefense code does (ALGORITHMS.md sec. 1).
+"""
+import math
+from statistics import NormalDist
+
+import torch
+
+import fl
+
+CRAFTED = ("fang", "lie", "minmax", "minsum", "mpaf", "signflip", "gaussian")  # crafted from honest updates
+BACKDOOR = ("scaling", "dba")  # poisoned local training
+# CLI order: none, the FedREDefense attacks (A.2 order), then the two FedDefuse-only attacks.
+ATTACKS = ("none",) + CRAFTED[:5] + BACKDOOR + CRAFTED[5:]
+
+
+def _rand(shape, generator, like, normal=False):
+    """Uniform(0,1) (or N(0,1)) numbers drawn on the CPU with ``generator``, then cast/moved like ``like``."""
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A1. Fang (trimmed-mean / median attack), partial knowledge
+# ---------------------------------------------------------------------------------------------------------------
+
+def fang(honest, n_out, generator):
+    """Fang attack on Trimmed-mean/Median, partial-knowledge variant (ALGORITHMS.md A1(b)).
+
+    Source: Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated Learning",
+    USENIX Security 2020, Sec. 4; the variant is the one the FedREDefense code runs (``client.py:Client_Fang``),
+    which both seed papers call "Fang".
+
+    Formula, per coordinate j, with mu_j and sigma_j the mean and std of the known updates and s_j = sign(mu_j):
+        s_j = -1 (mu_j < 0):  g_j = mu_j + (3 + u_j) sigma_j   in [mu_j + 3 sigma_j, mu_j + 4 sigma_j]
+        s_j = +1 (mu_j > 0):  g_j = mu_j - (4 - u_j) sigma_j   in [mu_j - 4 sigma_j, mu_j - 3 sigma_j]
+        s_j =  0 (mu_j = 0):  g_j = 0
+    i.e. each coordinate is pushed 3-4 standard deviations against the direction the benign aggregate would move
+    it. u_j ~ U(0,1) is drawn afresh for every output row and coordinate (so the attackers send different
+    vectors); one u_j serves whichever branch applies, as in the official code.
+
+    Knowledge: partial -- ``honest`` ``[m, d]`` are the attackers' own genuine updates (any known set works).
+
+    Choices where sources disagree:
+    - Update space (not Fang's model-parameter space), as in the seed papers' pipelines.
+    - sigma is the unbiased std (ddof 1) as in the FedREDefense code; FLDetector's ``partial_trim`` uses ddof 0
+      and the deterministic midpoint 3.5 sigma instead of a uniform draw.
+    - mu_j == 0 gives 0 (= mu_j), as in the FedREDefense code; Fang's paper does not cover it.
+    - m < 2 (std undefined) gives zero updates, as in the FedREDefense code.
+    - The Krum-specific Fang attack (A2) is not implemented here.
+
+    Returns ``[n_out, d]``.
+    """
+    m, d = honest.shape
+    if m < 2:
+        return honest.new_zeros(n_out, d)
+    mu = honest.mean(0)
+    sigma = honest.std(0, unbiased=True)
+    u = _rand((n_out, d), generator, honest)
+    up = mu + (3 + u) * sigma      # s_j = -1: push the coordinate up
+    down = mu - (4 - u) * sigma    # s_j = +1: push it down
+    return torch.where(mu < 0, up, torch.where(mu > 0, down, torch.zeros_like(up)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A3. LIE -- A Little Is Enough (not in the official FedREDefense code)
+# ---------------------------------------------------------------------------------------------------------------
+
+def lie_z(n, q):
+    """z_max of LIE (ALGORITHMS.md A3): the largest z with Phi(z) < (n - q - s) / (n - q), s = floor(n/2 + 1) - q.
+
+    Source: Baruch, Baruch, Goldberg, "A Little Is Enough", NeurIPS 2019; formula as printed in FedREDefense
+    App. A.2 (p participants there = ``n`` here, q malicious, n includes the malicious clients). The supremum is
+    Phi^{-1} of the ratio (``statistics.NormalDist().inv_cdf``). Worked values: z(100, 28) = 0.46925,
+    z(50, 10) = 0.25335.
+
+    Raises ValueError where the formula is undefined: q >= floor(n/2) + 1 (then s <= 0 and the ratio is >= 1, so
+    z would be infinite -- e.g. FedREDefense's 72-of-100 sweep, for which neither paper says what was done), a
+    negative q, or n so small that the ratio is 0.
+    """
+    n, q = int(n), int(q)
+    if q < 0 or n < 1:
+        raise ValueError(f"LIE needs n >= 1 participants and q >= 0 malicious ones, got n={n}, q={q}")
+    if q >= n // 2 + 1:
+        raise ValueError(
+            f"LIE's z_max is undefined for q={q} >= floor(n/2)+1={n // 2 + 1} malicious of n={n} participants: "
+            "the supporters s = floor(n/2+1) - q would be <= 0, the ratio (n-q-s)/(n-q) >= 1 and z infinite. "
+            "Pass an explicit z to lie() to run it anyway.")
+    s = math.floor(n / 2 + 1) - q
+    ratio = (n - q - s) / (n - q)
+    if ratio <= 0:
+        raise ValueError(f"LIE's z_max is undefined for n={n}, q={q}: the ratio (n-q-s)/(n-q) = {ratio} <= 0")
+    return NormalDist().inv_cdf(ratio)
+
+
+def lie(honest, n, q, *, z=None):
+    """LIE, "A Little Is Enough" (ALGORITHMS.md A3). NOT in the official FedREDefense code (written from the papers).
+
+    Source: Baruch, Baruch, Goldberg, NeurIPS 2019; FedREDefense App. A.2 gives the form used here.
+
+    Formula (FedREDefense A.2 notation, p = ``n`` participants, q malicious): every malicious client sends
+        g_j = mu_j - z_max * sigma_j,   z_max = Phi^{-1}((p - q - s) / (p - q)),   s = floor(p/2 + 1) - q,
+    with mu_j, sigma_j the coordinate-wise mean and std of the known updates (see ``lie_z``). All ``q`` rows are
+    identical.
+
+    Knowledge: partial -- ``honest`` are the attackers' own genuine updates (the original attack is likewise
+    non-omniscient; FedREDefense does not say which set it used); plus n and q.
+
+    Choices where sources disagree:
+    - Sign: mu - z sigma *in update space*, as FedREDefense A.2 writes it. Baruch et al. work on gradients
+      (g = -update / lr), where their mu - z sigma is mu + z sigma in update space.
+    - sigma is the population std (ddof 0), as in Baruch et al.'s code (Shejwalkar's notebooks use ddof 1).
+    - Fewer than 2 known updates: zero updates, like the other statistics-based attacks (common convention).
+    - q >= floor(n/2) + 1: ValueError (``lie_z``) unless an explicit ``z`` is given; no cap on the CDF.
+    - Shejwalkar's hard-coded z tables (e.g. 0.72575 for n=50, q=10) do not follow the formula; not used.
+
+    Returns ``[q, d]``.
+    """
+    if z is None:
+        z = lie_z(n, q)
+    m, d = honest.shape
+    if m < 2:
+        return honest.new_zeros(q, d)
+    mu = honest.mean(0)
+    sigma = honest.std(0, unbiased=False)
+    return (mu - z * sigma).expand(q, d).clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A4. Min-Max and A5. Min-Sum (AGR-agnostic optimisation attacks)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _sq_dists_to(updates, v):
+    """||updates_i - v||^2 for every row i."""
+    return (updates - v).pow(2).sum(1)
+
+
+def _pairwise_sq_dists(updates):
+    """[m, m] matrix of ||updates_i - updates_j||^2, one row at a time (no [m, m, d] tensor, no Gram cancellation)."""
+    return torch.stack([_sq_dists_to(updates, u) for u in updates])
+
+
+def _perturbation(honest, mu, dev_type):
+    if dev_type == "std":
+        return honest.std(0, unbiased=True)
+    if dev_type == "unit_vec":
+        return mu / mu.norm()
+    if dev_type == "sign":
+        return torch.sign(mu)
+    raise ValueError(f"unknown dev_type {dev_type!r}; expected 'std', 'unit_vec' or 'sign'")
+
+
+def _gamma_search(feasible, gamma_init, tau):
+    """The bisection of Shejwalkar's code and FedREDefense's ``Client_MinMax``/``Client_MinSum`` (ALGORITHMS.md A4):
+
+        gamma = step = gamma_init; gamma_succ = 0
+        while |gamma_succ - gamma| > tau:
+            if feasible(gamma): gamma_succ = gamma; gamma += step/2
+            else:               gamma -= step/2
+            step /= 2
+    Returns gamma_succ, which lies in [0, 2 * gamma_init) (0 when even a tiny step is infeasible).
+    """
+    gamma, step, gamma_succ = float(gamma_init), float(gamma_init), 0.0
+    while abs(gamma_succ - gamma) > tau:
+        if feasible(gamma):
+            gamma_succ = gamma
+            gamma += step / 2
+        else:
+            gamma -= step / 2
+        step /= 2
+    return gamma_succ
+
+
+def _optimisation_attack(honest, gamma_init, tau, dev_type, rule):
+    m, d = honest.shape
+    if m < 2:
+        return honest.new_zeros(d)
+    mu = honest.mean(0)
+    p = _perturbation(honest, mu, dev_type)
+    dists = _pairwise_sq_dists(honest)
+    if rule == "minmax":
+        bound = dists.max()
+
+        def feasible(gamma):
+            return _sq_dists_to(honest, mu - gamma * p).max() <= bound
+    else:
+        bound = dists.sum(1).min()
+
+        def feasible(gamma):
+            return _sq_dists_to(honest, mu - gamma * p).sum() <= bound
+    return mu - _gamma_search(feasible, gamma_init, tau) * p
+
+
+def min_max(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
+    """Min-Max (ALGORITHMS.md A4). Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021, Algorithm 1.
+
+    Formula: g_m = mu - gamma * p, with mu the mean of the known updates {g_i}, p the perturbation (coordinate-wise
+    std of {g_i}, unbiased: the "std" variant FedREDefense A.2 uses), and gamma the largest value the bisection
+    ``_gamma_search`` finds with
+        max_i ||g_m - g_i||^2  <=  max_{i,j} ||g_i - g_j||^2      (squared distances, as in the code),
+    i.e. the malicious update is no farther from any known update than the two farthest known updates are from
+    each other. The constraint holds at gamma = 0 (mu is in their convex hull) and its left side is convex in gamma,
+    so feasibility is monotone and the bisection finds the boundary to ~tau (or saturates at ~2 gamma_init).
+
+    Knowledge: partial (the attackers' own genuine updates, as in the FedREDefense code); AGR-agnostic. The
+    paper's main setting is full knowledge (all benign updates): pass those as ``honest`` for it.
+
+    Choices: gamma_init = 30 (FedREDefense ``threshold=30``; Shejwalkar's notebooks use 10), tau = 1e-5;
+    ``dev_type`` 'std' by default ('unit_vec' = mu/||mu|| and 'sign' = sign(mu) are the paper's other variants);
+    m < 2 gives the zero update (FedREDefense). All malicious clients send this same vector.
+
+    Returns ``[d]`` (the caller repeats it for every attacker).
+    """
+    return _optimisation_attack(honest, gamma_init, tau, dev_type, "minmax")
+
+
+def min_sum(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
+    """Min-Sum (ALGORITHMS.md A5). Shejwalkar & Houmansadr, NDSS 2021, Algorithm 1 with the Min-Sum objective.
+
+    Formula: g_m = mu - gamma * p as in ``min_max``, with gamma found by the same bisection under
+        sum_i ||g_m - g_i||^2  <=  min_i sum_j ||g_i - g_j||^2     (squared distances),
+    i.e. the malicious update's total distance to the known updates does not exceed the smallest total distance
+    of any known update to the others. Because mu is their mean the cross term vanishes and the constraint has the
+    closed form gamma* = sqrt((min_i sum_j ||g_i - g_j||^2 - sum_i ||mu - g_i||^2) / (m ||p||^2)); the search
+    returns min(gamma*, ~2 gamma_init) to within ~tau.
+
+    Knowledge and choices: as ``min_max`` (partial knowledge, gamma_init = 30 FedREDefense preset, tau = 1e-5, std
+    perturbation with ddof 1, m < 2 gives the zero update).
+
+    Returns ``[d]``.
+    """
+    return _optimisation_attack(honest, gamma_init, tau, dev_type, "minsum")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A6. MPAF -- fake clients
+# ---------------------------------------------------------------------------------------------------------------
+
+def mpaf(w_base, w_global, scale=3.0):
+    """MPAF (ALGORITHMS.md A6). Cao & Gong, "MPAF: Model Poisoning Attacks to Federated Learning based on Fake
+    Clients", CVPR Workshops 2022.
+
+    Formula: g = lambda * (w_base - w^{t-1}): every fake client pulls the global model towards a base model.
+
+    Knowledge: the current global model (which every client receives) and the base model; no data, no training,
+    no benign update, no aggregation rule.
+
+    Choices (FedREDefense App. A.2 and ``Client_MPAF``): base = the initial global model w^0, lambda = 3. The
+    original MPAF uses an attacker-chosen random model and lambda >> 1 (1e6 in a third-party port; unverified).
+    MPAF injects *extra* fake clients; FedREDefense lets its q compromised clients play them, and so does the
+    caller here: this function only crafts the vector.
+
+    Returns ``[d]``.
+    """
+    return scale * (w_base - w_global)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A9. Sign flipping and A10. Gaussian (FedDefuse's attacks)
+# ---------------------------------------------------------------------------------------------------------------
+
+def sign_flip(honest, k=1.0):
+    """Sign-flipping (ALGORITHMS.md A9). FedDefuse App. B.1, citing Wu, Ling, Chen, Giannakis, IEEE TSP 2020.
+
+    Formula (FedDefuse notation): Delta_w^r = -k * hat{Delta}_w^r, each attacker's own honest update flipped.
+
+    Knowledge: own (each row uses only its own honest update).
+
+    Choice: k = 1 (a pure flip, as in FLPoison and Damaskinos et al.); FedDefuse gives no k, other works use 4 or
+    10, and Wu et al.'s value is unverified.
+
+    Returns ``[m, d]``, row-wise.
+    """
+    return -k * honest
+
+
+def gaussian(honest, w_global, sizes, generator):
+    """Gaussian attack (ALGORITHMS.md A10). FedDefuse App. B.1, citing Ma et al. 2022 ("DisBezant").
+
+    Formula, FedDMC-lineage code reading (``clients.py`` GS_attack): each attacker trains honestly, giving the local
+    model theta = w^{t-1} + hat{Delta}; then every parameter tensor P of theta is replaced element-wise by
+        P~ = mean(P) + std(P) * N(0, 1),
+    and the attacker uploads theta~, i.e. the update theta~ - w^{t-1}.
+
+    Knowledge: own (each attacker's own trained model).
+
+    Choices where sources disagree (FedDefuse's text writes Delta = mu + N(0,1) * sigma with mu, sigma "the average
+    and variance of all parameters of the model"):
+    - the *local model* is replaced, not the update (text and code agree on "replaces the local model");
+    - per parameter tensor (code), not one mean/std over all parameters (text); tensor slices come from ``sizes``
+      (``fl.param_sizes(model)``, the numel of each tensor in flat order);
+    - sigma is the (unbiased, ``torch.std``) standard deviation, as in the code: a scale on N(0,1) must be a std;
+    - a tensor with a single entry has no std; it gets sigma = 0 (the code would produce NaN);
+    - the code's other variant (noise * 2 sigma, in an unused function) is not followed.
+    The noise is one N(0,1) draw of shape [m, d], made on the CPU with ``generator``.
+
+    Returns ``[m, d]``.
+    """
+    if sum(sizes) != honest.shape[1]:
+        raise ValueError(f"sizes sum to {sum(sizes)} but the updates have {honest.shape[1]} entries")
+    theta = w_global + honest
+    noise = _rand(honest.shape, generator, honest, normal=True)
+    theta_tilde = torch.empty_like(theta)
+    start = 0
+    for size in sizes:
+        block = theta[:, start:start + size]
+        mean = block.mean(1, keepdim=True)
+        std = block.std(1, keepdim=True, unbiased=True) if size > 1 else torch.zeros_like(mean)
+        theta_tilde[:, start:start + size] = mean + std * noise[:, start:start + size]
+        start += size
+    return theta_tilde - w_global
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A7. Scaling and A8. DBA -- backdoors by poisoned local training
+# ---------------------------------------------------------------------------------------------------------------
+
+def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, scale=3.0, epochs=1):
+    """Backdoor update of Scaling (ALGORITHMS.md A7) and DBA (A8), FedREDefense recipe.
+
+    Sources: Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020 (Scaling / model replacement);
+    Xie, Huang, Chen, Li, "DBA: Distributed Backdoor Attacks against Federated Learning", ICLR 2020; the recipe is
+    FedREDefense App. A.2 and its code (``utils.py:train_op_backdoor`` / ``train_op_dba``).
+
+    Formula: starting from w^{t-1}, for each local epoch run
+        1. one SGD pass over (x_poisoned, target) -- *every* sample triggered and relabelled to the target, then
+        2. one SGD pass over the clean (x, y),
+    then upload g = S * (w_local - w^{t-1}) with S = ``scale`` (3 in FedREDefense). The attacker thus takes twice
+    the SGD steps of a benign client (same optimiser: ``fl.sgd_epoch``, plain SGD, seeded order).
+
+    The trigger is the caller's: ``x_poisoned = data.add_trigger(x, pixels)`` with all 4 pixels for Scaling, or
+    only ``[pixels[cid % 4]]`` for DBA (client ``cid``'s local pattern). Target label 0 in FedREDefense.
+
+    Knowledge: own data only.
+
+    Choices where sources disagree: FedREDefense's alternate-pass schedule, S = 3, 4-pixel trigger and target 0
+    (not Bagdasaryan's gamma = n/eta = 100 with poisoned samples mixed into each batch and label 2, nor DBA's
+    original 1x4 bars, target 2, gamma = 100, nor FedDMC's half-batch 9-pixel patch with s = (n/q)/2).
+
+    Returns ``[d]``; ``model`` is left holding the (unscaled) poisoned local model and ``w_global`` is unchanged.
+    """
+    # Load a copy: ``torch.nn.utils.vector_to_parameters`` (behind ``fl.load_params``) makes the parameters *views*
+    # of the vector it is given, so training on them would otherwise overwrite ``w_global`` in place.
+    fl.load_params(model, w_global.clone())
+    y_target = torch.full((len(x_poisoned),), int(target), dtype=torch.long, device=x_poisoned.device)
+    for _ in range(epochs):
+        fl.sgd_epoch(model, x_poisoned, y_target, lr, generator)
+        fl.sgd_epoch(model, x, y, lr, generator)
+    return scale * (fl.flatten_params(model) - w_global)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+def craft(name, honest, *, n_participants, w_global, w_init, sizes, generator):
+    """The crafted updates of the attack ``name`` (one of ``CRAFTED``) for this round's attackers.
+
+    honest: ``[q, d]``, the attacking clients' genuine updates this round (each attacker trained honestly first;
+        they collude, so every statistic is over these q rows: partial knowledge, ALGORITHMS.md sec. 1).
+    n_participants: clients taking part this round, malicious included (LIE's n).
+    w_global, w_init: the current global model w^{t-1} and the initial one w^0 (MPAF's base).
+    sizes: ``fl.param_sizes(model)`` (Gaussian's per-tensor slices).
+    generator: CPU ``torch.Generator`` for Fang and Gaussian.
+
+    Returns ``[q, d]``, row k for the k-th attacker. Unknown name: ValueError.
+    """
+    q, d = honest.shape
+    if name == "fang":
+        return fang(honest, q, generator)
+    if name == "lie":
+        return lie(honest, n_participants, q)
+    if name == "minmax":
+        return min_max(honest).expand(q, d).clone()
+    if name == "minsum":
+        return min_sum(honest).expand(q, d).clone()
+    if name == "mpaf":
+        return mpaf(w_init, w_global).to(honest).expand(q, d).clone()
+    if name == "signflip":
+        return sign_flip(honest)
+    if name == "gaussian":
+        return gaussian(honest, w_global, sizes, generator)
+    raise ValueError(f"unknown crafted attack {name!r}; expected one of {CRAFTED}")

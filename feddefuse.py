@@ -1,0 +1,237 @@
+"""FedDefuse (anonymous 2025 submission, ``papers/feddefuse.md``): recoverability + frequency-domain similarity.
+
+The server runs a divide-and-compute pipeline on every round's updates ``[n_clients, n_params]``
+(``Delta_i = w_i - w_global``, fl.py conventions):
+
+1. Algorithm 1, recoverability (sec. 3.1, eqs. 4-5). Every I rounds a small surrogate dataset D_i^s is fitted to
+   each update by gradient inversion (DLG, eq. 5c). The server then simulates tau~ SGD steps from the global model
+   on a candidate dataset near D_i^s and refines it and the learning rate with K Adam steps (eq. 5a-b). The final
+   relative reconstruction error is the recoverability score R(Delta_i): low R means the update looks like genuine
+   local training. Clustering {R} in two splits the round into Delta_b (the lower-R group, provisionally benign)
+   and Delta_m (the rest, provisionally malicious).
+2. Algorithm 2, normality score (sec. 3.2, eqs. 6-10). This half of the module. Take the low-frequency DWT of
+   every update. The benign prototype is the geometric median of DWT(Delta_b) (eq. 8). The malicious
+   representatives are the K members of Delta_m with the highest R (eq. 9). Each update gets a benign distance
+   d_b (eq. 6) and a malicious distance d_m (eq. 7), and from them Phi = alpha*minmax(d_m) - (1-alpha)*minmax(d_b)
+   (eq. 10).
+3. Filtering (sec. 3.3, Alg. 2 lines 6-10). DBSCAN on d_b asks whether the round is uniformly benign; if so,
+   everyone is kept. Otherwise KMeans(2) on Phi keeps the cluster with the higher average score.
+4. Aggregation (eq. 11): the data-size-weighted average of the kept updates.
+"""
+import numpy as np
+import pywt
+import torch
+from sklearn.cluster import DBSCAN, KMeans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 2: normality score and model-update filtering
+# ---------------------------------------------------------------------------------------------------------------
+
+def dwt_lowpass(updates, wavelet="haar", level=3):
+    """DWT(Delta) of sec. 3.2: the approximation (low-pass) coefficients of the 1-D DWT of each row of ``updates``.
+
+    ``[n, d] -> [n, d']`` (float64, on ``updates.device``). This is ``pywt.wavedec(..., axis=1)[0]``.
+    - wavelet / level: the paper names neither. Haar is the default because its level-L approximation coefficients
+      are means of blocks of 2**L neighbouring parameters, times 2**(L/2). Distances in this domain are then
+      distances between block-averaged updates, which is easy to read, and the 2-tap filter works for any d >= 2.
+      Level 3 gives a compact representation (d/8 coefficients, the lowest eighth of the band). Each coefficient
+      averages only 8 neighbouring parameters, so the smoothing stays local and never spans a whole layer.
+    - mode="periodization": the transform stays orthogonal and gives ceil(d/2) coefficients per level. For odd
+      lengths pywt repeats the last sample, so a constant vector still maps to a constant vector (times
+      2**(level/2) for haar).
+    - level is clamped to ``pywt.dwt_max_level(d, wavelet)`` so that short vectors work. Level 0 returns the rows
+      unchanged.
+    - The transform runs in the input's precision (float32 updates stay float32, which halves the memory for
+      large models). The d' coefficients are then cast to float64 for the distances and the geometric median.
+    """
+    x = updates.detach().cpu().numpy()
+    level = min(level, pywt.dwt_max_level(x.shape[1], wavelet))
+    approx = pywt.wavedec(x, wavelet, mode="periodization", level=level, axis=1)[0]
+    return torch.from_numpy(np.ascontiguousarray(approx, dtype=np.float64)).to(updates.device)
+
+
+def geometric_median(points, iters=200, eps=1e-8, tol=1e-7):
+    """Geometric median of the rows of ``points`` ``[m, k]``, by Weiszfeld's algorithm (eq. 8).
+
+    Eq. 8 minimises sum_j ||DWT(Delta) - DWT(Delta_j)|| over Delta. The DWT is linear and onto the coefficient
+    space, so we minimise over the coefficient vector directly and use the result as DWT(bar Delta_b). Nothing
+    needs inverting, because eqs. 6-7 only use DWT(bar Delta_b).
+    - Start at the coordinate-wise mean. All points get equal weight, as in eq. 8.
+    - Coinciding points (the eps guard): a point closer to the iterate than ``eps * scale`` counts as coinciding,
+      where scale is the largest distance of a point from the mean. We then take the Vardi-Zhang (2000) step
+      rather than only clamping the distance at eps. A clamped weight of 1/eps freezes the iterate on any data
+      point it hits, even one that is not the median (e.g. the mean of (-1,-1,-1,0,3) is the data point 0). The
+      Vardi-Zhang step stops exactly when the coinciding point is the median (||sum of unit pulls|| <= its count)
+      and otherwise moves away from it.
+    - Stop after ``iters`` steps, or once a step is shorter than ``tol * scale``. The iterates approach a median
+      that is a data point only sublinearly, so at the end the nearest data point is returned instead if it
+      passes the same optimality test. m == 1, or all points equal, returns that point.
+    """
+    if len(points) == 0:
+        raise ValueError("geometric median of an empty set")
+    v = points.mean(0)
+    scale = torch.linalg.vector_norm(points - v, dim=1).max()
+    if len(points) == 1 or scale == 0:
+        return v
+    for _ in range(iters):
+        dist = torch.linalg.vector_norm(points - v, dim=1)
+        far = dist > eps * scale
+        w = 1.0 / dist[far]
+        t = (w[:, None] * points[far]).sum(0) / w.sum()            # plain Weiszfeld step over the other points
+        n_coincide = int((~far).sum())
+        if n_coincide:                                              # Vardi-Zhang correction
+            pull = torch.linalg.vector_norm((w[:, None] * (points[far] - v)).sum(0))
+            if pull <= n_coincide:
+                break                                               # v is the median
+            t = (1 - n_coincide / pull) * t + (n_coincide / pull) * v
+        step = torch.linalg.vector_norm(t - v)
+        v = t
+        if step <= tol * scale:
+            break
+    # Weiszfeld closes in on a median that is a data point only slowly; snap to the nearest point if it is optimal
+    j = torch.linalg.vector_norm(points - v, dim=1).argmin()
+    dist = torch.linalg.vector_norm(points - points[j], dim=1)
+    far = dist > eps * scale
+    pull = torch.linalg.vector_norm(((points[far] - points[j]) / dist[far][:, None]).sum(0))
+    return points[j].clone() if pull <= int((~far).sum()) else v
+
+
+def malicious_representatives(recoverability, malicious_idx, k):
+    """Eq. 9: the K members of Delta_m with the highest recoverability score R, with K = min(k, |Delta_m|).
+
+    Highest R means least recoverable, since R is a reconstruction error (eq. 5a) and Delta_b is the low-R group.
+    Maximising the sum of R over K-subsets means taking the top K. Ties go to the earlier position in
+    ``malicious_idx`` (stable sort). Returns client indices as a python list, highest R first.
+    """
+    idx = torch.as_tensor(malicious_idx, dtype=torch.long).reshape(-1)
+    k = max(0, min(int(k), len(idx)))
+    r = torch.as_tensor(recoverability).reshape(-1).cpu()[idx]
+    order = torch.argsort(r, descending=True, stable=True)[:k]
+    return idx[order].tolist()
+
+
+def benign_distance(coeffs, prototype):
+    """Eq. 6: d_b(Delta_i) = ||DWT(Delta_i) - DWT(bar Delta_b)||_2 for every row of ``coeffs`` ``[n, d']``."""
+    return torch.linalg.vector_norm(coeffs - prototype, dim=1)
+
+
+def malicious_distance(coeffs, rep_idx):
+    """Eq. 7: d_m(Delta_i) = sum over the representatives Delta' of ||DWT(Delta_i) - DWT(Delta')||_2.
+
+    ``rep_idx``: row indices of the representatives in ``coeffs``. With no representative (empty Delta_m, or
+    K = 0) the sum is empty and d_m = 0 for everyone, so eq. 10 reduces to -(1-alpha)*minmax(d_b).
+    The distances are computed explicitly rather than with ``torch.cdist``, whose matrix-product shortcut loses
+    precision on near-identical rows.
+    """
+    d_m = torch.zeros(len(coeffs), dtype=coeffs.dtype, device=coeffs.device)
+    for j in rep_idx:
+        d_m += torch.linalg.vector_norm(coeffs - coeffs[j], dim=1)
+    return d_m
+
+
+def min_max(v):
+    """Min-max rescaling to [0, 1] (the tilde in eq. 10).
+
+    An all-equal vector maps to zeros, with no division by zero. The distance then says nothing about anyone in
+    this round. A range of at most 1e-12 of the largest magnitude counts as all-equal, so that float round-off
+    is not blown up to [0, 1].
+    """
+    lo, hi = v.min(), v.max()
+    span = hi - lo
+    if span <= 1e-12 * torch.maximum(lo.abs(), hi.abs()) or span == 0:
+        return torch.zeros_like(v)
+    return (v - lo) / span
+
+
+def normality_score(d_b, d_m, alpha=0.5):
+    """Eq. 10: Phi = alpha * minmax(d_m) - (1 - alpha) * minmax(d_b), so Phi lies in [-(1-alpha), alpha].
+
+    Higher means more benign: close to the benign prototype and far from the malicious representatives.
+    alpha = 0.5 by default. The paper gives no value, and 0.5 weighs the two distances equally.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha * min_max(d_m) - (1 - alpha) * min_max(d_b)
+
+
+def is_uniformly_benign(d_b, eps=0.5, min_samples=2):
+    """Alg. 2 lines 6-7: DBSCAN on the 1-D feature d_b. True when the labels hold ONE distinct value.
+
+    - Scale: d_b has no fixed scale (it follows the learning rate and the model size), so it is first divided by
+      its median over the round. A value then reads "this many times the typical distance to the benign
+      prototype", and the answer does not change if all updates are rescaled. If the median is zero (more than
+      half the updates coincide with the prototype), the mean is used instead. All-zero d_b is uniform.
+    - min_samples = 2: a cluster needs a point and at least one neighbour within eps. The clusters are then the
+      chains of sorted scaled d_b whose consecutive gaps are <= eps, and a point with no neighbour within eps is
+      noise (-1). So a lone far-off attacker shows up as noise next to the benign cluster, which gives two labels.
+      With min_samples = 1 a lone point would form its own cluster, with the same outcome.
+    - eps = 0.5: in an all-benign non-IID round the scaled d_b spread over roughly 0.5-2 with small gaps (n >= 10
+      clients), so they chain into one cluster. A malicious group whose d_b exceeds the farthest benign one by
+      more than half the typical benign distance leaves a gap > 0.5, and so a second label. If attackers are the majority (the paper allows 60%), the median is a malicious
+      distance; the benign values then fall near 0, still more than 0.5 below the attackers' ~1.
+    - All noise: when every point is isolated (e.g. two or three clients with very different d_b), DBSCAN labels
+      everything -1. That is "one distinct element" in the sense of Alg. 2 line 7, so everyone is kept.
+    """
+    x = d_b.detach().double().cpu().numpy()
+    scale = np.median(x)
+    if scale <= 0:
+        scale = x.mean()
+    if scale <= 0:
+        return True
+    labels = DBSCAN(eps=eps, min_samples=min_samples).fit(x.reshape(-1, 1) / scale).labels_
+    return len(np.unique(labels)) == 1
+
+
+def select_benign(phi, rule="mean", seed=0):
+    """Alg. 2 lines 8-10: KMeans(2) on Phi; keep the cluster with the higher score. Returns a boolean mask [n].
+
+    - rule="mean" (default): the higher AVERAGE Phi, as the text of sec. 3.3 says. rule="sum": the higher SUM, as
+      Alg. 2 line 9 writes it. The sum is not a statement about normality: it favours the larger cluster when the
+      scores are positive and the smaller one when they are negative. A tie in the sum goes to the higher mean.
+    - KMeans(n_clusters=2, n_init=10, random_state=seed) on the scores as a 1-D feature (float64).
+    - Fewer than 2 distinct Phi values: there is nothing to split, so everyone is kept.
+    """
+    if rule not in ("mean", "sum"):
+        raise ValueError(f"rule must be 'mean' or 'sum', got {rule!r}")
+    x = phi.detach().double().cpu().numpy().reshape(-1, 1)
+    if len(np.unique(x)) < 2:
+        return torch.ones(len(x), dtype=torch.bool, device=phi.device)
+    labels = KMeans(n_clusters=2, n_init=10, random_state=seed).fit(x).labels_
+    score = {a: (x[labels == a].mean() if rule == "mean" else x[labels == a].sum(), x[labels == a].mean())
+             for a in (0, 1)}
+    high = max(score, key=score.get)
+    return torch.as_tensor(labels == high, device=phi.device)
+
+
+def normality_filter(updates, recoverability, benign_idx, malicious_idx, *, wavelet="haar", level=3,
+                     n_representatives=5, alpha=0.5, dbscan_eps=0.5, dbscan_min_samples=2, rule="mean", seed=0):
+    """Algorithm 2 as a whole: returns ``(accepted_mask [n] bool, phi [n], d_b [n], d_m [n])``.
+
+    Steps: DWT low-pass of every update, the prototype as the geometric median of DWT(Delta_b) (line 2, eq. 8),
+    the representatives (eq. 9), then d_b, d_m and Phi (lines 3-5, eqs. 6, 7, 10). DBSCAN on d_b (lines 6-7)
+    keeps everyone when the round is uniformly benign; otherwise KMeans on Phi selects (lines 8-10).
+    - updates ``[n, d]``; recoverability ``[n]`` (R per client, Algorithm 1); benign_idx / malicious_idx: the
+      Delta_b / Delta_m split as client indices.
+    - Alg. 2 line 2 reads "Compute Delta_i^r via Equation (8)". This is a typo for bar Delta_b^r, the only thing
+      eq. 8 defines. Sec. 3.3 calls the two clustering steps "Step 9" and "Step 13", but they are lines 6 and 8 of
+      the listing.
+    - n_representatives = 5: the paper gives no K for eq. 9. The only K with a value in App. B.1 is K = 5, and it
+      most likely names Algorithm 1's Adam-step count (same letter). 5 is reused here and clamped to |Delta_m|.
+    - An empty Delta_b (the paper never considers one) falls back to the geometric median of all updates: it still
+      tolerates up to half of them being outliers. An empty Delta_m gives d_m = 0 (see ``malicious_distance``).
+    - Eq. 11 (aggregating the accepted updates) is the caller's job.
+    """
+    benign_idx = torch.as_tensor(benign_idx, dtype=torch.long).reshape(-1)
+    coeffs = dwt_lowpass(updates, wavelet, level)
+    base = coeffs[benign_idx.to(coeffs.device)] if len(benign_idx) else coeffs
+    prototype = geometric_median(base)
+    reps = malicious_representatives(recoverability, malicious_idx, n_representatives)
+    d_b = benign_distance(coeffs, prototype)
+    d_m = malicious_distance(coeffs, reps)
+    phi = normality_score(d_b, d_m, alpha)
+    if is_uniformly_benign(d_b, dbscan_eps, dbscan_min_samples):
+        accepted = torch.ones(len(updates), dtype=torch.bool, device=updates.device)
+    else:
+        accepted = select_benign(phi, rule, seed).to(updates.device)
+    return accepted, phi, d_b, d_m

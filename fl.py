@@ -1,0 +1,213 @@
+"""Federated-learning plumbing shared by every defense.
+
+The paper's CNNs, local SGD, model <-> update vectors, FedAvg, and the metrics both papers report.
+
+Conventions (used by every module):
+- A model's parameters are one flat vector ``w`` in ``named_parameters()`` order; the CNNs have no buffers.
+- A client's update is ``g_i = w_i - w_global`` (FedREDefense eq. 2 notation; FedDefuse writes Delta_i).
+- A round's updates are one tensor ``[n_clients, n_params]``.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+# Local SGD learning rate per dataset. The FedREDefense paper uses 1e-3 for every dataset (App. A.5) over 500
+# rounds; the embedded `digits` set has ~50 samples per client (2 SGD steps a round) and is meant to converge in
+# tens of rounds on a laptop, so it uses a larger rate, chosen once for all attacks and defenses.
+LOCAL_LR = {"digits": 0.05, "mnist": 1e-3, "fmnist": 1e-3, "cifar10": 1e-3, "cinic10": 1e-3}
+BATCH_SIZE = 32  # App. A.5
+LOCAL_EPOCHS = 1  # Sec. 5.1.4
+
+
+class CNN(nn.Module):
+    """The 2-layer CNN of FedREDefense Table 5 (1-channel data) and Table 6 (3-channel data).
+
+    conv3x3(c1) + ReLU, maxpool 2, conv3x3(c2) + ReLU, maxpool 2, FC(hidden) + ReLU, FC(classes); the softmax
+    lives in the loss. Table 5: (30, 50, 100); Table 6: (32, 64, 512).
+    Padding: the tables give none (the MXNet CNN they come from uses valid convolutions), so images of 16 px and
+    more use padding 0. Two valid conv+pool stages would shrink 8x8 digits to nothing, so smaller images use
+    padding 1. The official code trains a 3-layer ConvNet-128 instead (fedredefense-official-code.md sec. 5);
+    we follow the paper.
+    """
+
+    def __init__(self, in_channels, image_size, num_classes=10):
+        super().__init__()
+        c1, c2, hidden = (30, 50, 100) if in_channels == 1 else (32, 64, 512)
+        pad = 0 if image_size >= 16 else 1
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=pad)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=pad)
+        side = ((image_size + 2 * pad - 2) // 2 + 2 * pad - 2) // 2
+        self.fc1 = nn.Linear(c2 * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters as one vector
+# ---------------------------------------------------------------------------------------------------------------
+
+def flatten_params(model):
+    """All parameters of ``model`` as one detached vector ``w``."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def load_params(model, w):
+    """Copy the flat vector ``w`` into ``model``'s parameters (no autograd; ``w`` itself is never aliased)."""
+    with torch.no_grad():
+        start = 0
+        for p in model.parameters():
+            p.copy_(w[start:start + p.numel()].view_as(p))
+            start += p.numel()
+
+
+def param_sizes(model):
+    """Number of entries of each parameter tensor, in flat-vector order (the layer layout of an update)."""
+    return [p.numel() for p in model.parameters()]
+
+
+def functional_forward(model, w, x):
+    """``model(x)`` evaluated at the flat parameters ``w``, differentiably in ``w``.
+
+    This is what lets FedREDefense and FedDefuse unroll simulated SGD steps and back-propagate through them.
+    """
+    params, start = {}, 0
+    for name, p in model.named_parameters():
+        params[name] = w[start:start + p.numel()].view_as(p)
+        start += p.numel()
+    return functional_call(model, params, (x,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local training
+# ---------------------------------------------------------------------------------------------------------------
+
+def sgd_epoch(model, x, y, lr, generator, batch_size=BATCH_SIZE):
+    """One pass of plain SGD (no momentum, no weight decay; App. A.5) over (x, y) in a seeded random order."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    for batch in order.split(batch_size):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x[batch]), y[batch]).backward()
+        optimizer.step()
+
+
+def local_update(model, w_global, x, y, lr, generator, epochs=LOCAL_EPOCHS):
+    """Genuine local training: start from ``w_global``, run ``epochs`` of SGD, return ``g_i = w_i - w_global``."""
+    load_params(model, w_global)
+    for _ in range(epochs):
+        sgd_epoch(model, x, y, lr, generator)
+    return flatten_params(model) - w_global
+
+
+def local_steps(n_samples, epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE):
+    """tau, the number of SGD steps ``local_update`` takes on ``n_samples`` examples."""
+    return epochs * math.ceil(n_samples / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation: what every defense sees and returns
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Round:
+    """What the server legitimately knows in round t, besides the updates themselves."""
+    t: int                  # round index, from 0
+    clients: list           # ids of the round's participants, row order of the updates
+    w_global: torch.Tensor  # w^{t-1}, the model the participants started from
+    sizes: torch.Tensor     # |D_i| of each participant (FedDefuse eq. 11 weights)
+    malicious: torch.Tensor  # ground truth (attacking this round); read by the `oracle` defense only
+
+
+@dataclass
+class Decision:
+    """What every defense returns; detection metrics are computed from it in one place (run.py)."""
+    update: torch.Tensor                   # aggregated update: w^t = w^{t-1} + update
+    accepted: torch.Tensor                 # bool [n]: updates that went into the aggregate
+    expel: torch.Tensor | None = None      # bool [n]: clients removed for good (FedREDefense Alg. 1); None: never
+    errors: torch.Tensor | None = None     # per-update reconstruction error / recoverability, where computed
+    iterations: torch.Tensor | None = None  # outer optimisation iterations spent per update, where counted
+
+
+def fedavg(updates, weights=None):
+    """FedAvg of the rows of ``updates`` ``[n, d]``: the plain mean, or the ``weights``-weighted mean.
+
+    The FedREDefense code averages unweighted (clients are near-equal in size after its balanced partition);
+    FedDefuse eq. 11 weights by data size. An empty set aggregates to the zero update (the global model stays),
+    where the official code crashes.
+    """
+    if len(updates) == 0:
+        return torch.zeros(updates.shape[1], device=updates.device)
+    if weights is None:
+        return updates.mean(0)
+    weights = weights.to(updates)
+    return (weights / weights.sum()) @ updates
+
+
+def finite_rows(updates):
+    """Boolean mask of the updates with no NaN or Inf entry.
+
+    The round loop drops the others right after collecting them, so that no defense, attack statistic or average
+    ever sees a non-finite value; they count as flagged.
+    """
+    return torch.isfinite(updates).all(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, w, x, batch_size=2048):
+    load_params(model, w)
+    return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+
+
+def accuracy(model, w, x, y):
+    """TACC: the share of test examples the global model ``w`` classifies correctly (App. A.4)."""
+    return (predict(model, w, x) == y).float().mean().item()
+
+
+def attack_success_rate(model, w, x, y, add_trigger, target):
+    """ASR: the share of triggered test images classified as ``target``, over the test images whose true label
+    is not already ``target`` (App. A.4 and the official code's denominator)."""
+    keep = y != target
+    return (predict(model, w, add_trigger(x[keep])) == target).float().mean().item()
+
+
+def _rate(numerator, denominator):
+    return numerator / denominator if denominator else None
+
+
+def detection_metrics(flagged, malicious):
+    """DACC, FPR, FNR of a detector (App. A.4; positive = malicious). ``None`` where a rate has no denominator.
+
+    flagged, malicious: boolean tensors over the same clients.
+    DACC = correct / all;  FPR = benign flagged / benign;  FNR = malicious accepted / malicious.
+    """
+    flagged, malicious = flagged.bool(), malicious.bool()
+    n_mal = int(malicious.sum())
+    n_ben = len(malicious) - n_mal
+    return {
+        "dacc": _rate(int((flagged == malicious).sum()), len(malicious)),
+        "fpr": _rate(int((flagged & ~malicious).sum()), n_ben),
+        "fnr": _rate(int((~flagged & malicious).sum()), n_mal),
+    }
+
+
+def malicious_rate(accepted, malicious):
+    """FedDefuse's MR for one round: the share of accepted updates that are malicious, FN / (FN + TN).
+
+    App. B.1's wording is ambiguous; its tables (No Defense: DACC + MR = 100) fix this reading (ALGORITHMS.md
+    sec. 4). A round that accepts nobody has MR 0.
+    """
+    accepted, malicious = accepted.bool(), malicious.bool()
+    n_accepted = int(accepted.sum())
+    return int((accepted & malicious).sum()) / n_accepted if n_accepted else 0.0

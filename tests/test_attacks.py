@@ -1,0 +1,331 @@
+"""Invariants of the attacks (ALGORITHMS.md A1(b), A3-A10, "Tests" items), on tiny tensors and a tiny CNN."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attacks  # noqa: E402
+import fl  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is far faster (and immune to a busy machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=gen(seed), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A1(b) Fang
+# ---------------------------------------------------------------------------------------------------------------
+
+def fang_inputs():
+    honest = randn(6, 40)
+    honest[:, 0] = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5], dtype=torch.float64)  # mean exactly 0
+    return honest
+
+
+def test_fang_standardised_deviation_in_band():
+    honest = fang_inputs()
+    out = attacks.fang(honest, 5, gen(1))
+    assert out.shape == (5, 40)
+    mu, sigma = honest.mean(0), honest.std(0)
+    z = (out - mu) / sigma
+    neg, pos = mu < 0, mu > 0
+    assert neg.any() and pos.any()
+    assert ((z[:, neg] >= 3) & (z[:, neg] <= 4)).all()
+    assert ((z[:, pos] >= -4) & (z[:, pos] <= -3)).all()
+    assert mu[0] == 0 and (out[:, 0] == 0).all()  # mu == 0 -> 0
+
+
+def test_fang_independent_draws_and_determinism():
+    honest = fang_inputs()
+    out = attacks.fang(honest, 3, gen(7))
+    assert not torch.allclose(out[0], out[1])
+    assert torch.equal(out, attacks.fang(honest, 3, gen(7)))
+    assert not torch.allclose(out, attacks.fang(honest, 3, gen(8)))
+
+
+def test_fang_fewer_than_two_known_updates_gives_zero():
+    assert torch.equal(attacks.fang(randn(1, 10), 4, gen()), torch.zeros(4, 10, dtype=torch.float64))
+    assert attacks.fang(randn(0, 10), 2, gen()).abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A3 LIE
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,q,z", [(100, 28, 0.46925), (50, 10, 0.25335), (100, 8, 0.0818), (100, 48, 1.5744)])
+def test_lie_z_worked_values(n, q, z):
+    assert attacks.lie_z(n, q) == pytest.approx(z, abs=1e-4)
+
+
+@pytest.mark.parametrize("n,q", [(100, 51), (100, 72), (10, 6), (2, 0)])
+def test_lie_undefined_z_raises(n, q):
+    with pytest.raises(ValueError, match="LIE"):
+        attacks.lie(randn(4, 5), n, q)
+
+
+def test_lie_formula_identical_rows():
+    honest = randn(7, 30)
+    out = attacks.lie(honest, 100, 28)
+    assert out.shape == (28, 30)
+    expected = honest.mean(0) - attacks.lie_z(100, 28) * honest.std(0, unbiased=False)
+    assert torch.allclose(out, expected.expand(28, 30))
+    assert (out == out[0]).all()
+
+
+def test_lie_equal_updates_and_edge_cases():
+    same = randn(1, 12).repeat(5, 1)
+    assert torch.allclose(attacks.lie(same, 20, 5), same)  # sigma = 0
+    assert torch.equal(attacks.lie(randn(1, 12), 20, 3), torch.zeros(3, 12, dtype=torch.float64))
+    honest = randn(4, 6)
+    out = attacks.lie(honest, 100, 72, z=1.0)  # explicit z bypasses the majority check
+    assert torch.allclose(out[0], honest.mean(0) - honest.std(0, unbiased=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A4 Min-Max, A5 Min-Sum
+# ---------------------------------------------------------------------------------------------------------------
+
+def sq(a, b):
+    return (a - b).pow(2).sum(-1)
+
+
+def gamma_of(out, honest):
+    """Recover gamma from out = mu - gamma * std."""
+    p = honest.std(0)
+    return float((honest.mean(0) - out) @ p / (p @ p))
+
+
+def minmax_feasible(honest, gamma):
+    v = honest.mean(0) - gamma * honest.std(0)
+    bound = max(float(sq(honest, h).max()) for h in honest)
+    return float(sq(honest, v).max()) <= bound
+
+
+def test_min_max_feasible_and_at_the_boundary():
+    honest = randn(6, 25)
+    out = attacks.min_max(honest)
+    assert out.shape == (25,)
+    gamma = gamma_of(out, honest)
+    assert 0 < gamma < 2 * 30.0
+    assert torch.allclose(out, honest.mean(0) - gamma * honest.std(0))
+    assert minmax_feasible(honest, 0.0)  # mu lies in the convex hull
+    assert minmax_feasible(honest, gamma)
+    assert not minmax_feasible(honest, gamma + 10 * 1e-5)
+    # Exact boundary: smallest positive root over i of ||mu - g_i - gamma p||^2 = D_max.
+    mu, p = honest.mean(0), honest.std(0)
+    d_max = max(float(sq(honest, h).max()) for h in honest)
+    roots = []
+    for h in honest:
+        a = mu - h
+        A, B, C = float(p @ p), -2 * float(a @ p), float(a @ a) - d_max
+        roots.append((-B + math.sqrt(B * B - 4 * A * C)) / (2 * A))
+    assert gamma == pytest.approx(min(roots), abs=1e-4)
+
+
+def test_min_max_saturates_below_twice_gamma_init():
+    honest = randn(6, 25)
+    gamma = gamma_of(attacks.min_max(honest, gamma_init=0.01), honest)
+    assert 0.01 < gamma < 0.02 and gamma == pytest.approx(0.02, abs=1e-4)
+
+
+def test_min_sum_matches_closed_form_and_is_feasible():
+    honest = randn(8, 30, seed=3)
+    out = attacks.min_sum(honest)
+    mu, p, m = honest.mean(0), honest.std(0), len(honest)
+    bound = min(float(sq(honest, h).sum()) for h in honest)
+    assert float(sq(honest, out).sum()) <= bound
+    # cross term vanishes: sum_i ||mu - gamma p - g_i||^2 = sum_i ||mu - g_i||^2 + m gamma^2 ||p||^2
+    gamma_star = math.sqrt((bound - float(sq(honest, mu).sum())) / (m * float(p @ p)))
+    assert gamma_of(out, honest) == pytest.approx(min(gamma_star, 2 * 30.0), abs=1e-4)
+    gamma_small = gamma_of(attacks.min_sum(honest, gamma_init=gamma_star / 4), honest)
+    assert gamma_small == pytest.approx(gamma_star / 2, abs=1e-4)  # saturated at ~2 gamma_init
+
+
+@pytest.mark.parametrize("fn", [attacks.min_max, attacks.min_sum])
+def test_optimisation_attacks_edge_cases(fn):
+    same = randn(1, 9).repeat(4, 1)
+    assert torch.allclose(fn(same), same[0])  # p = 0 -> mu
+    assert torch.equal(fn(randn(1, 9)), torch.zeros(9, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A6 MPAF, A9 sign flip
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_mpaf():
+    w_base, w_global = randn(50, seed=1), randn(50, seed=2)
+    delta = attacks.mpaf(w_base, w_global)
+    assert torch.allclose(delta / 3.0, w_base - w_global)
+    assert torch.allclose(w_global + attacks.mpaf(w_base, w_global, scale=1.0), w_base)
+    assert torch.equal(attacks.mpaf(w_base, w_base.clone()), torch.zeros(50, dtype=torch.float64))
+
+
+def test_sign_flip():
+    honest = randn(3, 20)
+    out = attacks.sign_flip(honest)
+    assert torch.allclose(torch.cosine_similarity(out, honest, dim=1), -torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(attacks.sign_flip(honest, k=4.0).norm(dim=1), 4 * honest.norm(dim=1))
+    assert attacks.sign_flip(honest, k=0.0).abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A10 Gaussian
+# ---------------------------------------------------------------------------------------------------------------
+
+SIZES = [4000, 3000, 1]
+
+
+def gaussian_inputs():
+    w_global = randn(sum(SIZES), seed=1)
+    honest = randn(2, sum(SIZES), seed=2) * 0.1
+    honest[:, 4000:7000] += 0.5  # a different mean in the second tensor
+    return honest, w_global
+
+
+def test_gaussian_per_tensor_statistics():
+    honest, w_global = gaussian_inputs()
+    out = attacks.gaussian(honest, w_global, SIZES, gen(5))
+    assert out.shape == honest.shape
+    theta, theta_tilde = w_global + honest, w_global + out
+    start = 0
+    for size in SIZES[:2]:
+        block, new = theta[:, start:start + size], theta_tilde[:, start:start + size]
+        mean, std = block.mean(1), block.std(1)
+        se = std / math.sqrt(size)
+        assert ((new.mean(1) - mean).abs() < 3 * se).all()
+        assert ((new.std(1) - std).abs() < 3 * std / math.sqrt(2 * size)).all()
+        start += size
+    assert torch.allclose(out[:, -1], honest[:, -1])  # a 1-entry tensor keeps its value (sigma = 0)
+
+
+def test_gaussian_depends_only_on_per_tensor_mean_and_std():
+    honest, w_global = gaussian_inputs()
+    theta = w_global + honest
+    permuted = theta.clone()
+    start = 0
+    for size in SIZES:
+        perm = torch.randperm(size, generator=gen(size))
+        permuted[:, start:start + size] = theta[:, start + perm]
+        start += size
+    a = attacks.gaussian(honest, w_global, SIZES, gen(9))
+    b = attacks.gaussian(permuted - w_global, w_global, SIZES, gen(9))
+    assert torch.allclose(a, b, atol=1e-9)
+    assert torch.equal(a, attacks.gaussian(honest, w_global, SIZES, gen(9)))
+    assert not torch.allclose(a, attacks.gaussian(honest, w_global, SIZES, gen(10)))
+
+
+def test_gaussian_rejects_wrong_sizes():
+    honest, w_global = gaussian_inputs()
+    with pytest.raises(ValueError):
+        attacks.gaussian(honest, w_global, SIZES[:2], gen())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A7 / A8 backdoor (Scaling, DBA)
+# ---------------------------------------------------------------------------------------------------------------
+
+def tiny_setup():
+    torch.manual_seed(0)
+    model = fl.CNN(1, 8, 10)
+    w_global = fl.flatten_params(model).clone()
+    x = torch.randn(40, 1, 8, 8, generator=gen(11))
+    y = torch.randint(0, 10, (40,), generator=gen(12))
+    x_poisoned = x.clone()
+    x_poisoned[:, 0, 6, 6] = 1.0  # stand-in for data.add_trigger
+    return model, w_global, x, y, x_poisoned
+
+
+def replay(model, w_global, passes, lr, seed):
+    """Train from w_global over the (x, y) passes in order with one generator; return w_local - w_global.
+
+    Loads a copy: fl.load_params (vector_to_parameters) makes the parameters views of the vector it is given.
+    """
+    fl.load_params(model, w_global.clone())
+    g = gen(seed)
+    for x, y in passes:
+        fl.sgd_epoch(model, x, y, lr, g)
+    return fl.flatten_params(model) - w_global
+
+
+def test_backdoor_scaling_identity_and_replay():
+    model, w_global, x, y, xp = tiny_setup()
+    w_before = w_global.clone()
+    lr = 0.05
+    target = torch.zeros(len(xp), dtype=torch.long)
+    for epochs in (1, 2):
+        update = attacks.backdoor_update(model, w_global, x, y, xp, 0, lr, gen(3), scale=3.0, epochs=epochs)
+        assert torch.equal(w_global, w_before)  # not modified in place
+        expected = replay(model, w_global, [(xp, target), (x, y)] * epochs, lr, 3)  # poisoned pass, clean pass
+        assert torch.allclose(update, 3.0 * expected, rtol=1e-6, atol=1e-8)
+    unscaled = attacks.backdoor_update(model, w_global, x, y, xp, 0, lr, gen(3), scale=1.0)
+    scaled = attacks.backdoor_update(model, w_global, x, y, xp, 0, lr, gen(3))
+    assert torch.allclose(scaled, 3.0 * unscaled, rtol=1e-6, atol=1e-8)
+    assert unscaled.abs().sum() > 0
+
+
+def test_backdoor_differs_from_honest_update_and_is_deterministic():
+    model, w_global, x, y, xp = tiny_setup()
+    honest = replay(model, w_global, [(x, y)], 0.05, 3)
+    poisoned = attacks.backdoor_update(model, w_global, x, y, xp, 0, 0.05, gen(3), scale=1.0)
+    assert not torch.allclose(poisoned, honest, atol=1e-4)
+    again = attacks.backdoor_update(model, w_global, x, y, xp, 0, 0.05, gen(3), scale=1.0)
+    assert torch.equal(poisoned, again)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+def craft_inputs(q=4):
+    model = fl.CNN(1, 8, 10)
+    sizes = fl.param_sizes(model)
+    d = sum(sizes)
+    w_init = torch.randn(d, generator=gen(1))
+    w_global = w_init + 0.1 * torch.randn(d, generator=gen(2))
+    honest = 0.01 * torch.randn(q, d, generator=gen(3))
+    return honest, dict(n_participants=20, w_global=w_global, w_init=w_init, sizes=sizes)
+
+
+def test_attack_lists():
+    assert attacks.ATTACKS == ("none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba", "signflip",
+                               "gaussian")
+    assert set(attacks.CRAFTED) | set(attacks.BACKDOOR) | {"none"} == set(attacks.ATTACKS)
+
+
+@pytest.mark.parametrize("name", attacks.CRAFTED)
+def test_craft_shape_finite_and_deterministic(name):
+    honest, kw = craft_inputs()
+    out = attacks.craft(name, honest, generator=gen(4), **kw)
+    assert out.shape == honest.shape
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, attacks.craft(name, honest, generator=gen(4), **kw))
+    if name in ("lie", "minmax", "minsum", "mpaf"):
+        assert (out == out[0]).all()
+    if name == "mpaf":
+        assert torch.allclose(out[0], 3.0 * (kw["w_init"] - kw["w_global"]))
+    if name == "signflip":
+        assert torch.equal(out, -honest)
+
+
+@pytest.mark.parametrize("name", ["scaling", "dba", "none", "krum"])
+def test_craft_unknown_name_raises(name):
+    honest, kw = craft_inputs()
+    with pytest.raises(ValueError):
+        attacks.craft(name, honest, generator=gen(), **kw)

@@ -1,0 +1,191 @@
+"""Tests for FedDefuse Algorithm 2 (normality score and model-update filtering), feddefuse.py."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pywt
+import torch
+from scipy.optimize import minimize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,  # noqa: E402
+                       malicious_distance, malicious_representatives, min_max, normality_filter,
+                       normality_score, select_benign)
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------- DWT low-pass
+
+@pytest.mark.parametrize("d", [64, 37])
+def test_dwt_constant_is_scaled_constant(d):
+    x = torch.full((2, d), 3.0)
+    c = dwt_lowpass(x, "haar", 3)
+    assert c.shape == (2, math.ceil(d / 8))
+    assert torch.allclose(c, torch.full_like(c, 3.0 * 2 ** 1.5), atol=1e-5)
+
+
+def test_dwt_level_clamped_for_short_vectors():
+    c = dwt_lowpass(torch.full((1, 3), 2.0), "haar", 3)      # dwt_max_level(3, haar) = 1
+    assert c.shape == (1, 2)
+    assert torch.allclose(c, torch.full_like(c, 2.0 * 2 ** 0.5))
+    assert torch.equal(dwt_lowpass(torch.ones(2, 1), "haar", 3), torch.ones(2, 1, dtype=torch.float64))
+
+
+def test_dwt_slow_sine_is_block_means_and_low_pass():
+    d, level = 1024, 3
+    x = torch.sin(2 * math.pi * torch.arange(d, dtype=torch.float64) / d)[None].repeat(2, 1)
+    x[1] *= -2.0
+    c = dwt_lowpass(x, "haar", level)
+    block_means = x.reshape(2, d // 8, 8).mean(2)
+    assert torch.allclose(c, block_means * 2 ** (level / 2), atol=1e-12)
+    details = pywt.wavedec(x.numpy(), "haar", mode="periodization", level=level, axis=1)[1:]
+    high = sum((dc ** 2).sum() for dc in details)
+    assert high / (x ** 2).sum().item() < 1e-3
+    assert abs((c ** 2).sum().item() / (x ** 2).sum().item() - 1) < 1e-3     # Parseval: the energy is low-pass
+
+
+# ------------------------------------------------------------------------------------------- geometric median
+
+def brute_force_median(points):
+    p = points.numpy()
+    obj = lambda v: np.linalg.norm(p - v, axis=1).sum()
+    res = minimize(obj, p.mean(0), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000})
+    return torch.from_numpy(res.x), obj
+
+
+@pytest.mark.parametrize("pts", [
+    [[0, 0], [1, 0], [0, 1], [5, 5]],                     # asymmetric: mean != median
+    [[0, 0], [4, 0], [1, 3], [7, 8], [-2, 5]],
+    [[0, 0], [1, 0], [-1, 0.2]],                          # angle > 120 deg at the origin: median is a data point
+])
+def test_geometric_median_matches_brute_force(pts):
+    points = t(pts)
+    gm = geometric_median(points)
+    ref, obj = brute_force_median(points)
+    assert obj(gm.numpy()) <= obj(ref.numpy()) + 1e-9
+    assert torch.allclose(gm, ref, atol=1e-4)
+
+
+def test_geometric_median_differs_from_mean_on_asymmetric_points():
+    points = t([[0, 0], [1, 0], [0, 1], [5, 5]])
+    assert torch.linalg.vector_norm(geometric_median(points) - points.mean(0)) > 0.5
+
+
+def test_geometric_median_leaves_a_data_point_that_is_not_the_median():
+    # the mean (0, 0) is a data point, but the median is (-1, 0); a plain eps clamp would stay at (0, 0)
+    points = t([[0, 0], [3, 0], [-1, 0], [-1, 0], [-1, 0]])
+    assert torch.allclose(geometric_median(points), t([-1, 0]), atol=1e-6)
+
+
+def test_geometric_median_single_and_identical_points():
+    assert torch.equal(geometric_median(t([[2, 3]])), t([2, 3]))
+    assert torch.equal(geometric_median(t([[2, 3]] * 4)), t([2, 3]))
+
+
+# ---------------------------------------------------------------------------------------- representatives, eq. 9
+
+def test_representatives_are_highest_r_members_of_delta_m():
+    r = t([0.1, 0.9, 0.5, 0.7, 0.3])
+    assert malicious_representatives(r, [0, 2, 3, 4], 2) == [3, 2]        # client 1 has the top R but is not in Delta_m
+    assert sorted(malicious_representatives(r, [0, 2, 3, 4], 10)) == [0, 2, 3, 4]   # K clamped to |Delta_m|
+    assert malicious_representatives(r, [], 3) == []
+
+
+# ----------------------------------------------------------------------------------------- distances and score
+
+def test_distances_and_phi_ordering():
+    # prototype at the origin, one representative at (10, 0)
+    coeffs = t([[0, 0], [-2, 0], [5, 0], [10, 0]])
+    d_b = benign_distance(coeffs, t([0, 0]))
+    d_m = malicious_distance(coeffs, [3])
+    assert torch.allclose(d_b, t([0, 2, 5, 10]))
+    assert torch.allclose(d_m, t([10, 12, 5, 0]))
+    phi = normality_score(d_b, d_m, alpha=0.5)
+    expected = 0.5 * t([10, 12, 5, 0]) / 12 - 0.5 * t([0, 2, 5, 10]) / 10
+    assert torch.allclose(phi, expected)
+    assert phi.argmax() == 0 and phi.argmin() == 3                         # at the prototype vs at the representative
+    assert phi[0] > phi[1] > phi[2] > phi[3]
+    assert torch.equal(normality_score(d_b, d_m, 1.0).argsort(), min_max(d_m).argsort())
+    assert torch.allclose(normality_score(d_b, d_m, 0.0), -min_max(d_b))
+
+
+def test_malicious_distance_sums_over_representatives_and_is_zero_without_any():
+    coeffs = t([[0, 0], [3, 4], [6, 8]])
+    assert torch.allclose(malicious_distance(coeffs, [1, 2]), t([15, 5, 5]))
+    assert torch.equal(malicious_distance(coeffs, []), t([0, 0, 0]))
+
+
+def test_min_max():
+    assert torch.equal(min_max(t([4, 4, 4])), t([0, 0, 0]))
+    assert torch.allclose(min_max(t([2, 4, 3])), t([0, 1, 0.5]))
+
+
+# ----------------------------------------------------------------------------------------- DBSCAN short-circuit
+
+def test_is_uniformly_benign():
+    similar = t([1.0, 1.1, 0.9, 1.2, 0.95, 1.05])
+    assert is_uniformly_benign(similar)
+    assert is_uniformly_benign(similar * 1e-6)                             # scale-free
+    assert not is_uniformly_benign(t([1.0, 1.1, 0.9, 1.2, 0.95, 4.0]))    # lone outlier: noise next to a cluster
+    assert not is_uniformly_benign(t([1.0, 1.1, 0.9, 3.0, 3.1, 3.2]))
+    assert is_uniformly_benign(t([0.1, 1.0, 10.0]))                       # all noise (-1): one distinct label
+    assert is_uniformly_benign(t([0, 0, 0]))
+    assert not is_uniformly_benign(t([0, 0, 0, 1, 1]))                    # zero median -> mean scale
+
+
+# ----------------------------------------------------------------------------------------- KMeans selection
+
+def test_select_benign_mean_vs_sum():
+    phi = t([0.2] * 5 + [0.9])              # positive scores: the sum favours the larger, lower cluster
+    assert select_benign(phi, "mean").tolist() == [False] * 5 + [True]
+    assert select_benign(phi, "sum").tolist() == [True] * 5 + [False]
+    phi = t([-0.2] * 5 + [-0.6])            # negative scores: the sum favours the smaller, lower cluster
+    assert select_benign(phi, "mean").tolist() == [True] * 5 + [False]
+    assert select_benign(phi, "sum").tolist() == [False] * 5 + [True]
+
+
+def test_select_benign_keeps_everyone_without_two_distinct_scores():
+    assert select_benign(t([0.3, 0.3, 0.3])).all()
+
+
+# ----------------------------------------------------------------------------------------- the whole algorithm
+
+def make_round(n_benign, n_malicious, seed=0, d=256):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.sin(2 * math.pi * torch.arange(d) / d)
+    benign = base + 0.1 * torch.randn(n_benign, d, generator=g)
+    malicious = -2.0 * base + 0.1 * torch.randn(n_malicious, d, generator=g)
+    return torch.cat([benign, malicious])
+
+
+def test_all_benign_round_keeps_everyone():
+    updates = make_round(10, 0)
+    r = torch.linspace(0.1, 0.5, 10)
+    # the recoverability split is arbitrary here; the DBSCAN short-circuit must keep everyone anyway
+    accepted, phi, d_b, d_m = normality_filter(updates, r, list(range(7)), [7, 8, 9])
+    assert accepted.all()
+    assert d_b.shape == d_m.shape == phi.shape == (10,)
+    assert is_uniformly_benign(d_b)
+
+
+def test_separated_malicious_group_is_filtered():
+    updates = make_round(7, 4)                      # clients 0-6 benign, 7-10 malicious
+    r = t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1, 0.4, 0.9, 0.8, 0.95, 0.85])
+    benign_idx, malicious_idx = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10]   # benign client 6 misplaced in Delta_m
+    assert malicious_representatives(r, malicious_idx, 3) == [9, 7, 10]
+    accepted, phi, d_b, d_m = normality_filter(updates, r, benign_idx, malicious_idx, n_representatives=3)
+    assert accepted.tolist() == [True] * 7 + [False] * 4
+    assert phi[:7].min() > phi[7:].max()
+    assert accepted.dtype == torch.bool
+
+
+def test_filter_with_empty_delta_m():
+    updates = make_round(7, 3)
+    accepted, phi, d_b, d_m = normality_filter(updates, torch.zeros(10), list(range(10)), [])
+    assert torch.equal(d_m, torch.zeros(10, dtype=torch.float64))
+    assert accepted.tolist() == [True] * 7 + [False] * 3
