@@ -1,0 +1,411 @@
+"""Command line and the federated round loop.
+
+    python run.py                                          # FedREDefense vs the Fang attack on digits
+    python run.py --defense feddefuse --attack scaling     # FedDefuse vs a backdoor
+    python run.py --summarize runs/*                       # tables from earlier runs' results.json
+
+One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
+  1. the server samples the round's participants among the clients it has not expelled;
+  2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA client trains on poisoned data);
+  3. updates with NaN/Inf are rejected (flagged) before anything else reads them;
+  4. the attacking clients replace their honest updates by crafted ones (Fang, LIE, ..., collusion);
+  5. the defense decides which updates to aggregate (and, for FedREDefense, whom to expel for good);
+  6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import attacks
+import baselines
+import data
+import fedredefense
+import feddefuse
+import fl
+
+DEFENSES = ("fedavg", "oracle", "fedredefense", "feddefuse")
+PATTERNS = ("I", "II", "III")
+# Laptop-scale defaults for the embedded dataset; the paper's scale for the others (FedREDefense sec. 5.1.4).
+DEFAULT_CLIENTS = {"digits": 25}
+DEFAULT_ROUNDS = {"digits": 40}
+MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
+BACKDOOR_TARGET = 0     # App. A.2
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line on stderr, exit code 2."""
+        sys.stderr.write(f"run.py: error: {message}\n")
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Reconstruction-based defenses against model poisoning in federated learning.")
+    p.add_argument("--dataset", choices=data.DATASETS, default="digits")
+    p.add_argument("--data-dir", default="data", help="where the real datasets live (default: data)")
+    p.add_argument("--download", action="store_true", help="fetch a missing dataset into --data-dir")
+    p.add_argument("--defense", choices=DEFENSES, default="fedredefense")
+    p.add_argument("--attack", choices=attacks.ATTACKS, default="fang")
+    p.add_argument("--clients", type=int, help="number of clients (default: 25 for digits, 100 otherwise)")
+    p.add_argument("--malicious", type=int, help="number of malicious clients (default: 28%% of --clients)")
+    p.add_argument("--rounds", type=int, help="communication rounds (default: 30 for digits, 500 otherwise)")
+    p.add_argument("--beta", type=float, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
+    p.add_argument("--participation", type=float, default=1.0,
+                   help="share of all clients sampled per round (default: 1.0)")
+    p.add_argument("--participants", type=int, help="clients per round (overrides --participation)")
+    p.add_argument("--max-malicious-share", type=float, default=0.6,
+                   help="A-bar: most of a round's participants that may be malicious (default: 0.6)")
+    p.add_argument("--pattern", choices=PATTERNS, default="I",
+                   help="I: attack every round; II: only the first --attack-rounds; III: with --attack-prob")
+    p.add_argument("--attack-rounds", type=int, default=50, help="pattern II: rounds that attack (default: 50)")
+    p.add_argument("--attack-prob", type=float, default=0.2, help="pattern III: attack probability (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", help="output folder for results.json and results.png (default: runs/<setting>)")
+    p.add_argument("--summarize", nargs="+", metavar="RUN",
+                   help="print the tables of earlier runs (folders or results.json files) and exit")
+    args = p.parse_args(argv)
+    if args.summarize:
+        return args
+
+    args.clients = args.clients if args.clients is not None else DEFAULT_CLIENTS.get(args.dataset, 100)
+    args.malicious = args.malicious if args.malicious is not None else round(MALICIOUS_SHARE * args.clients)
+    args.rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS.get(args.dataset, 500)
+    if args.participants is None:
+        args.participants = max(1, int(args.participation * args.clients + 1e-9))
+    checks = [
+        (args.clients >= 2, "--clients", "an integer >= 2", args.clients),
+        (0 <= args.malicious < args.clients, "--malicious", f"an integer in [0, {args.clients - 1}]",
+         args.malicious),
+        (args.rounds >= 1, "--rounds", "an integer >= 1", args.rounds),
+        (args.beta > 0, "--beta", "a number > 0", args.beta),
+        (0 < args.participation <= 1, "--participation", "a number in (0, 1]", args.participation),
+        (1 <= args.participants <= args.clients, "--participants", f"an integer in [1, {args.clients}]",
+         args.participants),
+        (0 <= args.max_malicious_share <= 1, "--max-malicious-share", "a number in [0, 1]",
+         args.max_malicious_share),
+        (args.attack_rounds >= 0, "--attack-rounds", "an integer >= 0", args.attack_rounds),
+        (0 <= args.attack_prob <= 1, "--attack-prob", "a number in [0, 1]", args.attack_prob),
+        (args.device != "cuda" or torch.cuda.is_available(), "--device", "auto or cpu (no CUDA device here)",
+         args.device),
+    ]
+    for ok, flag, allowed, value in checks:
+        if not ok:
+            p.error(f"argument {flag}: must be {allowed} (got {value})")
+    if args.attack == "lie":
+        most = min(args.malicious, max_attackers(args.participants, args.max_malicious_share))
+        if most >= args.participants // 2 + 1:
+            p.error(f"argument --attack: lie is undefined when attackers are a majority of a round "
+                    f"({most} of {args.participants}); lower --malicious or --max-malicious-share")
+    args.out = args.out or os.path.join(
+        "runs", f"{args.dataset}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Who takes part, who attacks
+# -----------------------------------------------------------------------------------------------------------------
+
+def max_attackers(n, max_share):
+    """floor(A-bar * n), robust to float error (0.28 * 100 = 28.000000000000004)."""
+    return math.floor(max_share * n + 1e-9)
+
+
+def sample_participants(available, malicious, n, max_share, rng):
+    """M^t / S^r: n clients among the unexpelled ones, attackers first (FedDefuse App. B.1).
+
+    "Prior to each round, we first sample the attackers according to A-bar": min(floor(A-bar n), available
+    attackers) malicious clients are drawn uniformly, then benign clients fill the round. With full participation
+    this is every available client, as in FedREDefense (App. A.5).
+    """
+    bad = [c for c in available if c in malicious]
+    good = [c for c in available if c not in malicious]
+    n_bad = min(len(bad), max_attackers(n, max_share))
+    n_good = min(len(good), n - n_bad)
+    pick = lambda pool, k: [pool[i] for i in torch.randperm(len(pool), generator=rng)[:k].tolist()]
+    return sorted(pick(bad, n_bad) + pick(good, n_good))
+
+
+def attacking_now(pattern, t, is_malicious, attack_rounds, attack_prob, rng):
+    """Which malicious participants attack in round t (FedDefuse sec. 4.1): I every round; II only in the first
+    ``attack_rounds`` rounds; III each independently with probability ``attack_prob``. The others send their
+    honest update and count as benign for the round."""
+    if pattern == "I":
+        return is_malicious.clone()
+    if pattern == "II":
+        return is_malicious & (t < attack_rounds)
+    return is_malicious & (torch.rand(len(is_malicious), generator=rng) < attack_prob)
+
+
+def generator_for(seed, t, *client):
+    """A generator for (round[, client]): a client's randomness does not depend on who else was sampled."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, t, *client]).generate_state(1)[0]))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Metrics: computed here, once, for every defense
+# -----------------------------------------------------------------------------------------------------------------
+
+def round_metrics(accepted, attacking):
+    """Per-round DACC, FPR, FNR over the round's participants and MR (FedDefuse App. B.1)."""
+    return {**fl.detection_metrics(~accepted, attacking), "mr": fl.malicious_rate(accepted, attacking)}
+
+
+def mean_of(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def final_metrics(rounds, n_clients, malicious, expelled, expels, tacc, asr):
+    """The final row of FedREDefense Tables 1-2 and FedDefuse Tables 1-3.
+
+    dacc/fpr/fnr: client-level verdicts at the end of training over all clients, never-sampled ones counting as
+    benign (FedREDefense App. A.4); defined only for a defense that marks clients (expels them), else None.
+    aar: mean over malicious clients of the rounds in which their attacking update was aggregated (App. A.4).
+    adacc/afpr/afnr/mr: per-round detection over the participants, averaged over rounds (FedREDefense App. B.1,
+    FedDefuse App. B.1).
+    """
+    out = {"tacc": tacc, "asr": asr}
+    truth = torch.tensor([c in malicious for c in range(n_clients)])
+    flagged = torch.tensor([c in expelled for c in range(n_clients)])
+    out.update(fl.detection_metrics(flagged, truth) if expels else {"dacc": None, "fpr": None, "fnr": None})
+    aggregated = sum(len(set(r["accepted"]) & set(r["attacking"])) for r in rounds)
+    out["aar"] = aggregated / len(malicious) if malicious else None
+    for key in ("dacc", "fpr", "fnr", "mr"):
+        out["a" + key if key != "mr" else "mr"] = mean_of([r[key] for r in rounds])
+    out["mr_zero_rounds"] = mean_of([float(r["mr"] == 0) for r in rounds])
+    iterations = [i for r in rounds for i in (r["iterations"] or {}).values()]
+    out["aoi"] = sum(iterations) / len(iterations) if iterations else None
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The run
+# -----------------------------------------------------------------------------------------------------------------
+
+def make_defense(args, model, ds, device):
+    shape, classes = tuple(ds.x_train.shape[1:]), ds.num_classes
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.defense == "fedredefense":
+        return fedredefense.FedREDefense(model, shape, classes, fedredefense.HYPER[args.dataset], generator,
+                                         device)
+    if args.defense == "feddefuse":
+        return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], generator, device)
+    return getattr(baselines, args.defense)
+
+
+def run(args):
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    ds = data.load_dataset(args.dataset, args.data_dir, args.download, args.seed)
+    x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
+    x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
+    parts = data.dirichlet_partition(ds.y_train, args.clients, args.beta, args.seed)
+    malicious = set(range(args.clients - args.malicious, args.clients))  # the last q ids, as the official code
+    model = fl.CNN(ds.x_train.shape[1], ds.x_train.shape[2], ds.num_classes).to(device)
+    w = w_init = fl.flatten_params(model)
+    lr = fl.LOCAL_LR[args.dataset]
+    pixels = data.trigger_pixels(ds.x_train.shape[2])
+    add_trigger = lambda x: data.add_trigger(x, pixels)
+    defense = make_defense(args, model, ds, device)
+    rng = torch.Generator().manual_seed(args.seed)  # sampling and attack schedule
+    expelled, rounds, start = set(), [], time.time()
+
+    for t in range(args.rounds):
+        tic = time.time()
+        available = [c for c in range(args.clients) if c not in expelled]
+        clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng)
+        is_malicious = torch.tensor([c in malicious for c in clients])
+        attacking = (attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
+                     if args.attack != "none" else torch.zeros(len(clients), dtype=torch.bool))
+
+        # Local training: genuine, or on poisoned data for an attacking Scaling/DBA client.
+        updates = []
+        for c, attacks_now in zip(clients, attacking.tolist()):
+            x, y, g = x_train[parts[c]], y_train[parts[c]], generator_for(args.seed, t, c)
+            if attacks_now and args.attack in attacks.BACKDOOR:
+                trigger = pixels if args.attack == "scaling" else [pixels[c % 4]]  # DBA: pattern = id mod 4
+                updates.append(attacks.backdoor_update(model, w, x, y, data.add_trigger(x, trigger),
+                                                       BACKDOOR_TARGET, lr, g))
+            else:
+                updates.append(fl.local_update(model, w, x, y, lr, g))
+        updates = torch.stack(updates)
+
+        # Reject non-finite updates before any attack statistic or defense sees them.
+        finite = fl.finite_rows(updates).cpu()
+        rejected = [c for c, ok in zip(clients, finite.tolist()) if not ok]
+        clients = [c for c, ok in zip(clients, finite.tolist()) if ok]
+        updates, attacking = updates[finite.to(device)], attacking[finite]
+
+        # Crafted attacks: the attacking clients collude on their honest updates (partial knowledge).
+        if args.attack in attacks.CRAFTED and attacking.any():
+            updates[attacking.to(device)] = attacks.craft(
+                args.attack, updates[attacking.to(device)], n_participants=len(clients), w_global=w,
+                w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t))
+
+        sizes = torch.tensor([len(parts[c]) for c in clients])
+        decision = defense(updates, fl.Round(t, clients, w, sizes, attacking))
+        w = w + decision.update
+        accepted = decision.accepted.cpu()
+        if decision.expel is not None:
+            expelled |= {c for c, e in zip(clients, decision.expel.tolist()) if e}
+
+        record = {
+            "round": t + 1,
+            "participants": clients + rejected,
+            "attacking": [c for c, a in zip(clients, attacking.tolist()) if a],
+            "accepted": [c for c, a in zip(clients, accepted.tolist()) if a],
+            "flagged": [c for c, a in zip(clients, accepted.tolist()) if not a] + rejected,
+            "rejected_nonfinite": rejected,
+            "errors": None if decision.errors is None else dict(zip(map(str, clients), decision.errors.tolist())),
+            "iterations": (None if decision.iterations is None else
+                           dict(zip(map(str, clients), decision.iterations.tolist()))),
+            "tacc": fl.accuracy(model, w, x_test, y_test),
+            "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
+                    if args.attack in attacks.BACKDOOR else None),
+            **round_metrics(torch.cat([accepted, torch.zeros(len(rejected), dtype=torch.bool)]),
+                            torch.cat([attacking, torch.zeros(len(rejected), dtype=torch.bool)])),
+            "seconds": time.time() - tic,
+        }
+        rounds.append(record)
+        print(progress_line(record, args.rounds, time.time() - start), flush=True)
+
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k != "summarize"},
+        "partition": data.partition_summary(ds.y_train, parts, ds.num_classes),
+        "malicious": sorted(malicious),
+        "expelled": sorted(expelled),
+        "rounds": rounds,
+        "final": final_metrics(rounds, args.clients, malicious, expelled, decision.expel is not None,
+                               rounds[-1]["tacc"], rounds[-1]["asr"]),
+        "seconds": time.time() - start,
+    }
+    return results
+
+
+def progress_line(r, total, elapsed):
+    eta = elapsed / r["round"] * (total - r["round"])
+    asr = f"  ASR {100 * r['asr']:5.1f}%" if r["asr"] is not None else ""
+    return (f"round {r['round']:>3}/{total}  TACC {100 * r['tacc']:5.1f}%{asr}  "
+            f"accepted {len(r['accepted']):>3}  flagged {len(r['flagged']):>3}  "
+            f"({r['seconds']:.1f}s, ETA {eta // 60:.0f}m{eta % 60:02.0f}s)")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Output
+# -----------------------------------------------------------------------------------------------------------------
+
+def write_atomically(path, write):
+    """Write through a temporary file and rename, so a crash never leaves a half-written result behind."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(results, out):
+    os.makedirs(out, exist_ok=True)
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+    write_atomically(os.path.join(out, "results.json"), dump)
+    write_atomically(os.path.join(out, "results.png"), lambda tmp: plot(results, tmp))
+
+
+def plot(results, path):
+    """TACC (and ASR), the reconstruction errors of benign vs attacking updates, DACC and MR, per round."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = results["rounds"]
+    t = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (acc, err), (dacc, mr) = axes
+    acc.plot(t, [100 * r["tacc"] for r in rounds], label="TACC")
+    if rounds[0]["asr"] is not None:
+        acc.plot(t, [100 * r["asr"] for r in rounds], label="ASR")
+    acc.set(title="Global model", ylabel="%", ylim=(0, 100))
+    acc.legend()
+    for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
+        pts = [(r["round"], e) for r in rounds for c, e in (r["errors"] or {}).items()
+               if (int(c) in r["attacking"]) == attacking]
+        if pts:
+            err.scatter(*zip(*pts), s=8, color=color, alpha=0.6, label=label)
+    err.set(title="Reconstruction error per update", yscale="log")
+    if err.has_data():
+        err.legend()
+    dacc.plot(t, [100 * r["dacc"] for r in rounds])
+    dacc.set(title="DACC per round", ylabel="%", ylim=(-2, 102), xlabel="round")
+    mr.plot(t, [100 * r["mr"] for r in rounds], color="tab:red")
+    mr.set(title="MR per round", ylabel="%", ylim=(-2, 102), xlabel="round")
+    c = results["config"]
+    fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def format_final(final):
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
+            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {final['aar'] if final['aar'] is not None else '-'}"
+            f"  ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
+
+
+def summarize(paths):
+    """One table row per run, then the reconstruction errors of benign vs attacking updates (FedREDefense
+    Table 10: mean +- std over all rounds)."""
+    runs = []
+    for p in paths:
+        with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
+            runs.append(json.load(f))
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    print("| dataset | defense | attack | pattern | TACC | ASR | DACC | FPR | FNR | AAR | ADACC | MR | MR=0 rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        c, f = r["config"], r["final"]
+        aar = "-" if f["aar"] is None else f"{f['aar']:.2f}"
+        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {pct(f['tacc'])} | "
+              f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | {aar} | "
+              f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
+    with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
+    if not with_errors:
+        return
+    print("\n| run | benign error | attacking error |\n|---|---|---|")
+    for r in with_errors:
+        split = {False: [], True: []}
+        for x in r["rounds"]:
+            for c, e in (x["errors"] or {}).items():
+                split[int(c) in x["attacking"]].append(e)
+        stat = lambda v: f"{np.mean(v):.2f} ± {np.std(v):.2f} (n={len(v)})" if v else "-"
+        c = r["config"]
+        print(f"| {c['defense']} vs {c['attack']} ({c['dataset']}) | {stat(split[False])} | {stat(split[True])} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
+    try:
+        results = run(args)
+    except data.DataError as e:
+        sys.stderr.write(f"run.py: error: {e}\n")
+        sys.exit(2)
+    save(results, args.out)
+    print(format_final(results["final"]))
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
+
+
+if __name__ == "__main__":
+    main()
