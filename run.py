@@ -200,7 +200,8 @@ def make_defense(args, model, ds, device):
         return fedredefense.FedREDefense(model, shape, classes, fedredefense.HYPER[args.dataset], generator,
                                          device)
     if args.defense == "feddefuse":
-        return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], generator, device)
+        return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], fl.LOCAL_LR[args.dataset],
+                                   generator)
     return getattr(baselines, args.defense)
 
 
@@ -240,7 +241,7 @@ def run(args):
                                                        BACKDOOR_TARGET, lr, g))
             else:
                 updates.append(fl.local_update(model, w, x, y, lr, g))
-        updates = torch.stack(updates)
+        updates = torch.stack(updates) if updates else w.new_zeros(0, len(w))
 
         # Reject non-finite updates before any attack statistic or defense sees them.
         finite = fl.finite_rows(updates).cpu()
@@ -255,7 +256,8 @@ def run(args):
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t))
 
         sizes = torch.tensor([len(parts[c]) for c in clients])
-        decision = defense(updates, fl.Round(t, clients, w, sizes, attacking))
+        decision = (defense(updates, fl.Round(t, clients, w, sizes, attacking)) if clients else  # all expelled
+                    fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool)))
         w = w + decision.update
         accepted = decision.accepted.cpu()
         if decision.expel is not None:
@@ -330,11 +332,12 @@ def plot(results, path):
 
     rounds = results["rounds"]
     t = [r["round"] for r in rounds]
+    series = lambda key: [float("nan") if r[key] is None else 100 * r[key] for r in rounds]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     (acc, err), (dacc, mr) = axes
-    acc.plot(t, [100 * r["tacc"] for r in rounds], label="TACC")
+    acc.plot(t, series("tacc"), label="TACC")
     if rounds[0]["asr"] is not None:
-        acc.plot(t, [100 * r["asr"] for r in rounds], label="ASR")
+        acc.plot(t, series("asr"), label="ASR")
     acc.set(title="Global model", ylabel="%", ylim=(0, 100))
     acc.legend()
     for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
@@ -345,9 +348,9 @@ def plot(results, path):
     err.set(title="Reconstruction error per update", yscale="log")
     if err.has_data():
         err.legend()
-    dacc.plot(t, [100 * r["dacc"] for r in rounds])
+    dacc.plot(t, series("dacc"))
     dacc.set(title="DACC per round", ylabel="%", ylim=(-2, 102), xlabel="round")
-    mr.plot(t, [100 * r["mr"] for r in rounds], color="tab:red")
+    mr.plot(t, series("mr"), color="tab:red")
     mr.set(title="MR per round", ylabel="%", ylim=(-2, 102), xlabel="round")
     c = results["config"]
     fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")

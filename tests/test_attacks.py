@@ -1,15 +1,11 @@
 """Invariants of the attacks (ALGORITHMS.md A1(b), A3-A10, "Tests" items), on tiny tensors and a tiny CNN."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import attacks  # noqa: E402
-import fl  # noqa: E402
+import attacks
+import fl
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,7 +5,6 @@ import hashlib
 import os
 import pickle
 import struct
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 IDX_STEMS = data.IDX_FILES
 

@@ -1,7 +1,5 @@
 """Tests for FedDefuse Algorithm 2 (normality score and model-update filtering), feddefuse.py."""
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +7,7 @@ import pywt
 import torch
 from scipy.optimize import minimize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,  # noqa: E402
+from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,
                        malicious_distance, malicious_representatives, min_max, normality_filter,
                        normality_score, select_benign)
 

@@ -1,0 +1,94 @@
+"""fl.py: model sizes, update vectors, local training, FedAvg and the metrics, against hand-computed cases."""
+import pytest
+import torch
+
+import fl
+
+
+@pytest.mark.parametrize("channels, side, n_params", [
+    (1, 28, 30 * 9 + 30 + 50 * 30 * 9 + 50 + 50 * 5 * 5 * 100 + 100 + 100 * 10 + 10),   # Table 5, valid convs
+    (3, 32, 32 * 27 + 32 + 64 * 32 * 9 + 64 + 64 * 6 * 6 * 512 + 512 + 512 * 10 + 10),  # Table 6, valid convs
+    (1, 8, 30 * 9 + 30 + 50 * 30 * 9 + 50 + 50 * 2 * 2 * 100 + 100 + 100 * 10 + 10),    # digits, padding 1
+])
+def test_cnn_matches_tables_5_and_6(channels, side, n_params):
+    model = fl.CNN(channels, side)
+    assert sum(fl.param_sizes(model)) == n_params
+    assert model(torch.zeros(2, channels, side, side)).shape == (2, 10)
+
+
+def test_flat_parameters_round_trip_without_aliasing():
+    model = fl.CNN(1, 8)
+    w = torch.randn(sum(fl.param_sizes(model)))
+    fl.load_params(model, w)
+    assert torch.equal(fl.flatten_params(model), w)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not torch.equal(fl.flatten_params(model), w), "the model must not be a view of w"
+
+
+def test_functional_forward_equals_module_forward():
+    model, x = fl.CNN(1, 8), torch.randn(4, 1, 8, 8)
+    assert torch.allclose(fl.functional_forward(model, fl.flatten_params(model), x), model(x))
+
+
+def test_local_update_is_seeded_and_leaves_the_global_model_alone():
+    torch.manual_seed(0)
+    model, x, y = fl.CNN(1, 8), torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    w = fl.flatten_params(model)
+    w_copy = w.clone()
+    g1 = fl.local_update(model, w, x, y, 0.1, torch.Generator().manual_seed(3))
+    g2 = fl.local_update(model, w, x, y, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(w, w_copy)
+    assert torch.equal(g1, g2) and g1.norm() > 0
+    assert fl.local_steps(40) == 2 and fl.local_steps(64) == 2 and fl.local_steps(65) == 3
+
+
+def test_fedavg_plain_weighted_and_empty():
+    u = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    assert torch.equal(fl.fedavg(u), torch.tensor([2.0, 2.0]))
+    assert torch.allclose(fl.fedavg(u, torch.tensor([3, 1])), torch.tensor([1.5, 1.0]))
+    assert torch.equal(fl.fedavg(u[:0]), torch.zeros(2))
+
+
+def test_finite_rows():
+    u = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [0.0, float("inf")], [0.0, 0.0]])
+    assert fl.finite_rows(u).tolist() == [True, False, False, True]
+
+
+def test_detection_metrics_hand_computed():
+    # 6 clients, 2 malicious (4, 5). Flagged: 1 (false positive) and 4 (true positive); 5 slips through.
+    flagged = torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    malicious = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    m = fl.detection_metrics(flagged, malicious)
+    assert m == {"dacc": 4 / 6, "fpr": 1 / 4, "fnr": 1 / 2}
+    assert m["dacc"] == pytest.approx(1 - (1 + 1) / 6)  # DACC = 1 - (FP + FN) / n
+    perfect = fl.detection_metrics(malicious, malicious)
+    assert perfect == {"dacc": 1.0, "fpr": 0.0, "fnr": 0.0}
+    assert fl.detection_metrics(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))["fnr"] is None
+
+
+def test_malicious_rate_is_the_share_of_accepted_updates_that_are_malicious():
+    malicious = torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool)
+    assert fl.malicious_rate(torch.ones(5, dtype=torch.bool), malicious) == 2 / 5  # accept-all: MR = q / n
+    assert fl.malicious_rate(~malicious, malicious) == 0.0
+    assert fl.malicious_rate(torch.tensor([0, 0, 1, 1, 0], dtype=torch.bool), malicious) == 1 / 2
+    assert fl.malicious_rate(torch.zeros(5, dtype=torch.bool), malicious) == 0.0
+
+
+def test_asr_ignores_target_class_images():
+    class Constant(torch.nn.Module):  # predicts class 0 for triggered images (x > 0), class 1 otherwise
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            hit = (x.flatten(1).amax(1) > 0).float()
+            return torch.stack([hit, 1 - hit], 1) + self.b
+
+    model = Constant()
+    w = fl.flatten_params(model)
+    x = -torch.ones(6, 1, 2, 2)
+    y = torch.tensor([0, 0, 1, 1, 1, 1])
+    trigger = lambda imgs: torch.where(torch.arange(len(imgs))[:, None, None, None] % 2 == 0, -imgs, imgs)
+    # non-target images are 2..5; the trigger lands on 2 and 4 only: ASR = 2 / 4, whatever class-0 images do
+    assert fl.attack_success_rate(model, w, x, y, trigger, target=0) == 0.5
