@@ -181,9 +181,9 @@ def final_metrics(rounds, n_clients, malicious, expelled, expels, tacc, asr):
     out.update(fl.detection_metrics(flagged, truth) if expels else {"dacc": None, "fpr": None, "fnr": None})
     aggregated = sum(len(set(r["accepted"]) & set(r["attacking"])) for r in rounds)
     out["aar"] = aggregated / len(malicious) if malicious else None
-    for key in ("dacc", "fpr", "fnr", "mr"):
-        out["a" + key if key != "mr" else "mr"] = mean_of([r[key] for r in rounds])
-    out["mr_zero_rounds"] = mean_of([float(r["mr"] == 0) for r in rounds])
+    per_round = lambda key: mean_of([r[key] for r in rounds])
+    out.update(adacc=per_round("dacc"), afpr=per_round("fpr"), afnr=per_round("fnr"), mr=per_round("mr"),
+               mr_zero_rounds=mean_of([float(r["mr"] == 0) for r in rounds]))
     iterations = [i for r in rounds for i in (r["iterations"] or {}).values()]
     out["aoi"] = sum(iterations) / len(iterations) if iterations else None
     return out
@@ -221,7 +221,7 @@ def run(args):
     add_trigger = lambda x: data.add_trigger(x, pixels)
     defense = make_defense(args, model, ds, device)
     rng = torch.Generator().manual_seed(args.seed)  # sampling and attack schedule
-    expelled, rounds, start = set(), [], time.time()
+    expelled, marks_clients, rounds, start = set(), False, [], time.time()
 
     for t in range(args.rounds):
         tic = time.time()
@@ -261,6 +261,7 @@ def run(args):
         w = w + decision.update
         accepted = decision.accepted.cpu()
         if decision.expel is not None:
+            marks_clients = True
             expelled |= {c for c, e in zip(clients, decision.expel.tolist()) if e}
 
         record = {
@@ -289,8 +290,8 @@ def run(args):
         "malicious": sorted(malicious),
         "expelled": sorted(expelled),
         "rounds": rounds,
-        "final": final_metrics(rounds, args.clients, malicious, expelled, decision.expel is not None,
-                               rounds[-1]["tacc"], rounds[-1]["asr"]),
+        "final": final_metrics(rounds, args.clients, malicious, expelled, marks_clients, rounds[-1]["tacc"],
+                               rounds[-1]["asr"]),
         "seconds": time.time() - start,
     }
     return results

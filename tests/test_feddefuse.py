@@ -1,4 +1,4 @@
-"""Tests for FedDefuse Algorithm 2 (normality score and model-update filtering), feddefuse.py."""
+"""FedDefuse (feddefuse.py): Algorithm 2 on hand-built rounds, Algorithm 1 and the defense on real updates."""
 import math
 
 import numpy as np
@@ -7,9 +7,14 @@ import pywt
 import torch
 from scipy.optimize import minimize
 
+import attacks
+import data
+import feddefuse
+import fl
 from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,
                        malicious_distance, malicious_representatives, min_max, normality_filter,
                        normality_score, select_benign)
+from fedredefense import Knowledge
 
 
 def t(x):
@@ -186,3 +191,57 @@ def test_filter_with_empty_delta_m():
     accepted, phi, d_b, d_m = normality_filter(updates, torch.zeros(10), list(range(10)), [])
     assert torch.equal(d_m, torch.zeros(10, dtype=torch.float64))
     assert accepted.tolist() == [True] * 7 + [False] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Algorithm 1 and the defense, on real local training
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_round():
+    """Round 0 on digits: genuine updates of clients 0-3, then client 3's update sign-flipped and a Gaussian one."""
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits")
+    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
+    model = fl.CNN(1, 8, 10)
+    w = fl.flatten_params(model)
+    g = torch.Generator().manual_seed(0)
+    genuine = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
+                                           fl.LOCAL_LR["digits"], g) for c in range(4)])
+    crafted = torch.cat([attacks.sign_flip(genuine[3:]),
+                         attacks.gaussian(genuine[3:], w, fl.param_sizes(model), torch.Generator().manual_seed(1))])
+    sizes = torch.tensor([len(parts[c]) for c in range(3)] + [len(parts[3])] * 2)
+    return model, w, torch.cat([genuine[:3], crafted]), sizes
+
+
+def test_genuine_updates_are_more_recoverable_than_sign_flipped_or_gaussian(digits_round):
+    model, w, updates, sizes = digits_round
+    hp = feddefuse.HYPER["digits"]
+    steps = torch.tensor([fl.local_steps(int(s)) for s in sizes])
+    surrogate = feddefuse.dlg_surrogate(model, w, updates, (1, 8, 8), 10, fl.LOCAL_LR["digits"], steps, hp,
+                                        torch.Generator().manual_seed(0))
+    candidate = Knowledge(surrogate.images, surrogate.label_logits, torch.full((len(updates),), hp.lr_init))
+    r, refined = feddefuse.recoverability(model, w, updates, candidate, surrogate, hp)
+    assert r[:3].max() < r[3:].min(), r
+    assert (refined.alpha >= 0).all() and not torch.equal(refined.images, candidate.images)
+
+
+def test_split_by_recoverability():
+    benign_idx, malicious_idx = feddefuse.split_by_recoverability(t([0.3, 0.05, 0.35, 0.06, 0.04]))
+    assert benign_idx.tolist() == [1, 3, 4] and malicious_idx.tolist() == [0, 2]
+    benign_idx, malicious_idx = feddefuse.split_by_recoverability(t([0.2, 0.2, 0.2]))
+    assert benign_idx.tolist() == [0, 1, 2] and malicious_idx.tolist() == []
+
+
+def test_fed_defuse_drops_gaussian_updates_and_weights_by_data_size(digits_round):
+    model, w, updates, sizes = digits_round
+    keep = [0, 1, 2, 4]  # three genuine updates and the Gaussian one
+    defense = feddefuse.FedDefuse(model, (1, 8, 8), 10, feddefuse.HYPER["digits"], fl.LOCAL_LR["digits"],
+                                  torch.Generator().manual_seed(0))
+    rnd = fl.Round(0, [0, 1, 2, 9], w, sizes[keep], torch.tensor([False, False, False, True]))
+    decision = defense(updates[keep], rnd)
+    assert decision.accepted.tolist() == [True, True, True, False]
+    assert decision.expel is None and decision.errors.shape == (4,)
+    expected = (sizes[:3, None].float() * updates[:3]).sum(0) / sizes[:3].sum()
+    assert torch.allclose(decision.update, expected, atol=1e-7)
+    assert set(defense.candidate) == set(defense.surrogate) == {0, 1, 2, 9}

@@ -133,3 +133,4 @@ def test_a_round_with_every_client_expelled_keeps_the_model(monkeypatch, tmp_pat
     results = run.run(run.parse_args(TINY + ["--out", str(tmp_path)]))
     first, second = results["rounds"]
     assert len(first["flagged"]) == 6 and second["participants"] == [] and second["tacc"] == first["tacc"]
+    assert results["final"]["dacc"] == 2 / 6 and results["final"]["fpr"] == 1.0 and results["final"]["fnr"] == 0.0
