@@ -206,14 +206,14 @@ def make_defense(args, model, ds, device):
 
 
 def run(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     ds = data.load_dataset(args.dataset, args.data_dir, args.download, args.seed)
     x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     parts = data.dirichlet_partition(ds.y_train, args.clients, args.beta, args.seed)
-    malicious = set(range(args.clients - args.malicious, args.clients))  # the last q ids, as the official code
+    # The last q ids, as in the official code; with no attack nobody is malicious, for the metrics too.
+    malicious = set(range(args.clients - args.malicious, args.clients)) if args.attack != "none" else set()
     model = fl.CNN(ds.x_train.shape[1], ds.x_train.shape[2], ds.num_classes).to(device)
     w = w_init = fl.flatten_params(model)
     lr = fl.LOCAL_LR[args.dataset]
