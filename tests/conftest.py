@@ -1,5 +1,25 @@
-"""Make the flat modules at the repository root importable from the tests, whatever the working directory."""
+"""Shared test set-up. Makes the flat modules at the repository root importable, whatever the working directory."""
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+import fl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_round():
+    """Round 0 on digits (25 clients, beta 0.1): the model, w^0, and the genuine updates and sizes of clients 0-3."""
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits")
+    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
+    model = fl.CNN(1, 8, 10)
+    w = fl.flatten_params(model)
+    g = torch.Generator().manual_seed(0)
+    updates = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
+                                           fl.LOCAL_LR["digits"], g) for c in range(4)])
+    return model, w, updates, torch.tensor([len(parts[c]) for c in range(4)])

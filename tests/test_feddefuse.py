@@ -8,7 +8,6 @@ import torch
 from scipy.optimize import minimize
 
 import attacks
-import data
 import feddefuse
 import fl
 from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,
@@ -198,24 +197,16 @@ def test_filter_with_empty_delta_m():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits_round():
-    """Round 0 on digits: genuine updates of clients 0-3, then client 3's update sign-flipped and a Gaussian one."""
-    torch.manual_seed(0)
-    ds = data.load_dataset("digits")
-    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
-    model = fl.CNN(1, 8, 10)
-    w = fl.flatten_params(model)
-    g = torch.Generator().manual_seed(0)
-    genuine = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
-                                           fl.LOCAL_LR["digits"], g) for c in range(4)])
+def mixed_round(digits_round):
+    """Genuine updates of clients 0-2, then client 3's update sign-flipped and a Gaussian one built from it."""
+    model, w, genuine, sizes = digits_round
     crafted = torch.cat([attacks.sign_flip(genuine[3:]),
                          attacks.gaussian(genuine[3:], w, fl.param_sizes(model), torch.Generator().manual_seed(1))])
-    sizes = torch.tensor([len(parts[c]) for c in range(3)] + [len(parts[3])] * 2)
-    return model, w, torch.cat([genuine[:3], crafted]), sizes
+    return model, w, torch.cat([genuine[:3], crafted]), torch.cat([sizes[:3], sizes[3:].repeat(2)])
 
 
-def test_genuine_updates_are_more_recoverable_than_sign_flipped_or_gaussian(digits_round):
-    model, w, updates, sizes = digits_round
+def test_genuine_updates_are_more_recoverable_than_sign_flipped_or_gaussian(mixed_round):
+    model, w, updates, sizes = mixed_round
     hp = feddefuse.HYPER["digits"]
     steps = torch.tensor([fl.local_steps(int(s)) for s in sizes])
     surrogate = feddefuse.dlg_surrogate(model, w, updates, (1, 8, 8), 10, fl.LOCAL_LR["digits"], steps, hp,
@@ -233,8 +224,8 @@ def test_split_by_recoverability():
     assert benign_idx.tolist() == [0, 1, 2] and malicious_idx.tolist() == []
 
 
-def test_fed_defuse_drops_gaussian_updates_and_weights_by_data_size(digits_round):
-    model, w, updates, sizes = digits_round
+def test_fed_defuse_drops_gaussian_updates_and_weights_by_data_size(mixed_round):
+    model, w, updates, sizes = mixed_round
     keep = [0, 1, 2, 4]  # three genuine updates and the Gaussian one
     defense = feddefuse.FedDefuse(model, (1, 8, 8), 10, feddefuse.HYPER["digits"], fl.LOCAL_LR["digits"],
                                   torch.Generator().manual_seed(0))

@@ -5,25 +5,10 @@ import pytest
 import torch
 
 import attacks
-import data
 import fedredefense as fr
 import fl
 
 HP = fr.HYPER["digits"]
-
-
-@pytest.fixture(scope="module")
-def digits_round():
-    """The first round on digits: the initial global model and three clients' genuine local updates."""
-    torch.manual_seed(0)
-    ds = data.load_dataset("digits")
-    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
-    model = fl.CNN(1, 8, 10)
-    w = fl.flatten_params(model)
-    g = torch.Generator().manual_seed(0)
-    updates = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
-                                           fl.LOCAL_LR["digits"], g) for c in (0, 1, 2)])
-    return model, w, updates
 
 
 def initial(n, generator_seed=0):
@@ -40,7 +25,7 @@ def test_reconstruction_error():
 
 
 def test_simulate_training_is_gradient_descent_and_differentiable(digits_round):
-    model, w, _ = digits_round
+    model, w, _, _ = digits_round
     k = fr.initial_knowledge((1, 8, 8), 10, HP, torch.Generator().manual_seed(0), "cpu")
     images, labels = k.images.requires_grad_(True), k.label_logits.requires_grad_(True)
     alpha = k.alpha.requires_grad_(True)
@@ -57,7 +42,7 @@ def test_simulate_training_is_gradient_descent_and_differentiable(digits_round):
 def test_genuine_update_reconstructs_under_gamma_and_crafted_does_not(digits_round):
     """The paper's key finding (sec. 1) on real local training: Algorithm 2 from K^0 (400 iterations, which these
     genuine clients need less than half of, keep the test quick)."""
-    model, w, updates = digits_round
+    model, w, updates, _ = digits_round
     fang = attacks.fang(updates, 1, torch.Generator().manual_seed(1))
     gaussian = attacks.gaussian(updates[2:3], w, fl.param_sizes(model), torch.Generator().manual_seed(2))
     batch = torch.cat([updates[:2], fang, gaussian])
@@ -69,9 +54,9 @@ def test_genuine_update_reconstructs_under_gamma_and_crafted_does_not(digits_rou
 
 def test_batched_reconstruction_equals_one_client_at_a_time(digits_round):
     """Clients are reconstructed together but must not influence each other (different early stops, caps)."""
-    model, w, updates = digits_round
+    model, w, updates, _ = digits_round
     caps = torch.tensor([40, 5, 60])
-    together, k_together, it_together = fr.reconstruct(model, w, updates, initial(3), caps, HP)
+    together, k_together, it_together = fr.reconstruct(model, w, updates[:3], initial(3), caps, HP)
     for i in range(3):
         alone, k_alone, it_alone = fr.reconstruct(model, w, updates[i:i + 1], initial(1), caps[i:i + 1], HP)
         assert alone.item() == pytest.approx(together[i].item(), rel=1e-4)
@@ -80,7 +65,7 @@ def test_batched_reconstruction_equals_one_client_at_a_time(digits_round):
 
 
 def test_early_stop_when_knowledge_already_reconstructs(digits_round):
-    model, w, updates = digits_round
+    model, w, updates, _ = digits_round
     errors, learned, its = fr.reconstruct(model, w, updates[:1], initial(1), torch.tensor([HP.first_iters]), HP)
     assert errors.item() < HP.gamma
     again, _, its_again = fr.reconstruct(model, w, updates[:1], learned, torch.tensor([HP.max_iters]), HP)
@@ -88,7 +73,7 @@ def test_early_stop_when_knowledge_already_reconstructs(digits_round):
 
 
 def test_algorithm_1_flags_expels_and_keeps_knowledge(digits_round):
-    model, w, updates = digits_round
+    model, w, updates, _ = digits_round
     hp = dataclasses.replace(HP, first_iters=400)  # plenty for these clients; keeps the test quick
     defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
     batch = torch.cat([updates[:2], attacks.mpaf(w + 1.0, w)[None]])
@@ -105,7 +90,7 @@ def test_zero_update_is_flagged_even_when_its_optimisation_overflows(digits_roun
     """MPAF at round 0 sends exactly 0 (w^0 = w^{t-1}): its error is huge and the outer step can overflow. The
     official code then returns NaN, which `> gamma` lets through; here the client keeps a finite error and is
     flagged."""
-    model, w, updates = digits_round
+    model, w, updates, _ = digits_round
     defense = fr.FedREDefense(model, (1, 8, 8), 10, HP, torch.Generator().manual_seed(0), "cpu")
     batch = torch.cat([updates[:1], attacks.mpaf(w, w)[None]])
     decision = defense(batch, fl.Round(0, [0, 1], w, torch.tensor([50, 50]), torch.tensor([False, True])))
