@@ -5,15 +5,15 @@ The server runs a divide-and-compute pipeline on every round's updates ``[n_clie
 
 1. Algorithm 1, recoverability (sec. 3.1, eqs. 4-5). Every I rounds a small surrogate dataset D_i^s is fitted to
    each update by gradient inversion (DLG, eq. 5c). The server then simulates tau~ SGD steps from the global model
-   on a candidate dataset near D_i^s and refines it and the learning rate with K Adam steps (eq. 5a-b). The final
-   relative reconstruction error is the recoverability score R(Delta_i): low R means the update looks like genuine
-   local training. Clustering {R} in two splits the round into Delta_b (the lower-R group, provisionally benign)
-   and Delta_m (the rest, provisionally malicious).
-2. Algorithm 2, normality score (sec. 3.2, eqs. 6-10). This half of the module. Take the low-frequency DWT of
-   every update. The benign prototype is the geometric median of DWT(Delta_b) (eq. 8). The malicious
-   representatives are the K members of Delta_m with the highest R (eq. 9). Each update gets a benign distance
-   d_b (eq. 6) and a malicious distance d_m (eq. 7), and from them Phi = alpha*minmax(d_m) - (1-alpha)*minmax(d_b)
-   (eq. 10).
+   on a candidate dataset near D_i^s and refines it and the learning rate with K Adam steps (eq. 5a-b). The
+   objective reached (relative reconstruction error plus the KL penalty) is the recoverability score R(Delta_i):
+   low R means the update looks like genuine local training. The simulation and the error are FedREDefense's.
+   Clustering {R} in two splits the round into Delta_b (the lower-R group, provisionally benign) and Delta_m
+   (the rest, provisionally malicious).
+2. Algorithm 2, normality score (sec. 3.2, eqs. 6-10). Take the low-frequency DWT of every update. The benign
+   prototype is the geometric median of DWT(Delta_b) (eq. 8). The malicious representatives are the K members of
+   Delta_m with the highest R (eq. 9). Each update gets a benign distance d_b (eq. 6) and a malicious distance d_m
+   (eq. 7), and from them Phi = alpha*minmax(d_m) - (1-alpha)*minmax(d_b) (eq. 10).
 3. Filtering (sec. 3.3, Alg. 2 lines 6-10). DBSCAN on d_b asks whether the round is uniformly benign; if so,
    everyone is kept. Otherwise KMeans(2) on Phi keeps the cluster with the higher average score.
 4. Aggregation (eq. 11): the data-size-weighted average of the kept updates.
@@ -295,8 +295,11 @@ def is_uniformly_benign(d_b, eps=0.5, min_samples=2):
       With min_samples = 1 a lone point would form its own cluster, with the same outcome.
     - eps = 0.5: in an all-benign non-IID round the scaled d_b spread over roughly 0.5-2 with small gaps (n >= 10
       clients), so they chain into one cluster. A malicious group whose d_b exceeds the farthest benign one by
-      more than half the typical benign distance leaves a gap > 0.5, and so a second label. If attackers are the majority (the paper allows 60%), the median is a malicious
-      distance; the benign values then fall near 0, still more than 0.5 below the attackers' ~1.
+      more than half the typical benign distance leaves a gap > 0.5, and so a second label. If attackers are the
+      majority (the paper allows 60%), the median is a malicious distance; the benign values then fall near 0,
+      still more than 0.5 below the attackers' ~1. Measured on digits (README): it keeps 7 of 8 attack-free
+      rounds whole and never fires on Gaussian, Fang or Scaling rounds; but d_b cannot tell a sign-flipped update
+      from a genuine one there (near-orthogonal non-IID updates), so it fires on most sign-flip rounds too.
     - All noise: when every point is isolated (e.g. two or three clients with very different d_b), DBSCAN labels
       everything -1. That is "one distinct element" in the sense of Alg. 2 line 7, so everyone is kept.
     """
@@ -397,7 +400,7 @@ class FedDefuse:
         for c in rnd.clients:
             if c not in self.candidate:
                 s = self.surrogate[c]
-                self.candidate[c] = Knowledge(s.images, s.label_logits, torch.tensor(hp.lr_init, device=s.images.device))
+                self.candidate[c] = Knowledge(s.images, s.label_logits, s.alpha.new_tensor(hp.lr_init))
         surrogate = Knowledge.stack([self.surrogate[c] for c in rnd.clients])
         candidate = Knowledge.stack([self.candidate[c] for c in rnd.clients])
         r, candidate = recoverability(self.model, rnd.w_global, updates, candidate, surrogate, hp)

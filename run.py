@@ -228,8 +228,7 @@ def run(args):
         available = [c for c in range(args.clients) if c not in expelled]
         clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng)
         is_malicious = torch.tensor([c in malicious for c in clients])
-        attacking = (attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
-                     if args.attack != "none" else torch.zeros(len(clients), dtype=torch.bool))
+        attacking = attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
 
         # Local training: genuine, or on poisoned data for an attacking Scaling/DBA client.
         updates = []
@@ -245,7 +244,7 @@ def run(args):
 
         # Reject non-finite updates before any attack statistic or defense sees them.
         finite = fl.finite_rows(updates).cpu()
-        rejected = [c for c, ok in zip(clients, finite.tolist()) if not ok]
+        rejected, rejected_attacking = [c for c, ok in zip(clients, finite.tolist()) if not ok], attacking[~finite]
         clients = [c for c, ok in zip(clients, finite.tolist()) if ok]
         updates, attacking = updates[finite.to(device)], attacking[finite]
 
@@ -267,7 +266,8 @@ def run(args):
         record = {
             "round": t + 1,
             "participants": clients + rejected,
-            "attacking": [c for c, a in zip(clients, attacking.tolist()) if a],
+            "attacking": [c for c, a in zip(clients + rejected, torch.cat([attacking, rejected_attacking]).tolist())
+                          if a],
             "accepted": [c for c, a in zip(clients, accepted.tolist()) if a],
             "flagged": [c for c, a in zip(clients, accepted.tolist()) if not a] + rejected,
             "rejected_nonfinite": rejected,
@@ -278,11 +278,12 @@ def run(args):
             "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
                     if args.attack in attacks.BACKDOOR else None),
             **round_metrics(torch.cat([accepted, torch.zeros(len(rejected), dtype=torch.bool)]),
-                            torch.cat([attacking, torch.zeros(len(rejected), dtype=torch.bool)])),
+                            torch.cat([attacking, rejected_attacking])),
             "seconds": time.time() - tic,
         }
         rounds.append(record)
-        print(progress_line(record, args.rounds, time.time() - start), flush=True)
+        recent = [r["seconds"] for r in rounds[1:][-10:]]  # round 1 (first reconstructions) is unlike the rest
+        print(progress_line(record, args.rounds, sum(recent) / len(recent) if recent else None), flush=True)
 
     results = {
         "config": {k: v for k, v in vars(args).items() if k != "summarize"},
@@ -297,12 +298,11 @@ def run(args):
     return results
 
 
-def progress_line(r, total, elapsed):
-    eta = elapsed / r["round"] * (total - r["round"])
+def progress_line(r, total, seconds_per_round):
+    eta = "-" if seconds_per_round is None else f"{seconds_per_round * (total - r['round']) / 60:.1f} min"
     asr = f"  ASR {100 * r['asr']:5.1f}%" if r["asr"] is not None else ""
     return (f"round {r['round']:>3}/{total}  TACC {100 * r['tacc']:5.1f}%{asr}  "
-            f"accepted {len(r['accepted']):>3}  flagged {len(r['flagged']):>3}  "
-            f"({r['seconds']:.1f}s, ETA {eta // 60:.0f}m{eta % 60:02.0f}s)")
+            f"accepted {len(r['accepted']):>3}  flagged {len(r['flagged']):>3}  ({r['seconds']:.1f}s, ETA {eta})")
 
 
 # -----------------------------------------------------------------------------------------------------------------
