@@ -80,7 +80,8 @@ def dlg_surrogate(model, w_global, updates, sample_shape, num_classes, local_lr,
       size serves every client and round.
     - D = 10 images from N(0, 1) plus learned soft-label logits from 0; Adam (``surrogate_lr``) for
       ``surrogate_iters`` steps, all clients at once. DLG's L-BFGS is replaced by Adam, which needs no line search
-      through a double-backward. Returns the stacked D_i^s as a ``Knowledge`` (its alpha unused: 0).
+      through a double-backward. App. B.1 names iDLG, whose label trick needs a single-sample batch; with 10
+      samples the labels are learned, as in DLG. Returns the stacked D_i^s as a ``Knowledge`` (alpha unused: 0).
     """
     n = len(updates)
     shape = (n, hp.n_samples)
@@ -391,10 +392,9 @@ class FedDefuse:
         hp = self.hp
         stale = [i for i, c in enumerate(rnd.clients) if c not in self.surrogate or rnd.t % hp.surrogate_every == 0]
         if stale:
+            tau = torch.tensor([fl.local_steps(int(rnd.sizes[i])) for i in stale])
             fresh = dlg_surrogate(self.model, rnd.w_global, updates[stale], self.sample_shape, self.num_classes,
-                                  self.local_lr,
-                                  torch.tensor([fl.local_steps(int(rnd.sizes[i])) for i in stale]), hp,
-                                  self.generator)
+                                  self.local_lr, tau, hp, self.generator)
             for i, s in zip(stale, fresh.unstack()):
                 self.surrogate[rnd.clients[i]] = s
         for c in rnd.clients:

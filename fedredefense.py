@@ -26,7 +26,6 @@ differ, the choice made is written next to the code it concerns; the list in sho
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import fl
 
