@@ -26,7 +26,7 @@ import torch
 from sklearn.cluster import DBSCAN, KMeans
 
 import fl
-from fedredefense import Knowledge, reconstruction_error, simulate_training, soft_cross_entropy
+from fedredefense import Knowledge, reconstruction_error, simulated_updates, soft_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,9 @@ def recoverability(model, w_global, updates, candidate, surrogate, hp):
     """
     params = [t.clone().requires_grad_(True) for t in (candidate.images, candidate.label_logits, candidate.alpha)]
     opt = torch.optim.Adam([{"params": params[:2], "lr": hp.candidate_lr}, {"params": params[2:], "lr": hp.lr_lr}])
-    unroll = torch.func.vmap(lambda x, y, a: simulate_training(model, w_global, x, y, a, hp.sim_steps) - w_global)
     best = torch.full((len(updates),), float("inf"))
     for k in range(hp.outer_iters + 1):
-        objective = (reconstruction_error(unroll(*params), updates)
+        objective = (reconstruction_error(simulated_updates(model, w_global, *params, hp.sim_steps), updates)
                      + hp.kl_weight * kl_to_surrogate(params[1], surrogate.label_logits))
         best = torch.minimum(best, objective.detach().cpu())
         if k == hp.outer_iters:

@@ -107,6 +107,13 @@ def simulate_training(model, w0, images, label_logits, lr, steps):
     return w
 
 
+def simulated_updates(model, w0, images, label_logits, lrs, steps):
+    """w_hat_N - w_hat_0 for a batch of clients (leading dimension of every argument but w0): ``simulate_training``
+    vmapped, one client's knowledge and learning rate per row. Shared by FedREDefense and FedDefuse."""
+    one = lambda x, y, a: simulate_training(model, w0, x, y, a, steps) - w0
+    return torch.func.vmap(one)(images, label_logits, lrs)
+
+
 def reconstruction_error(reconstructed, g, eps=1e-9):
     """e = ||reconstructed - g||^2 / ||g||^2 (Alg. 2 lines 11 and 20) per row, with the official 1e-9 guards."""
     return ((reconstructed - g).pow(2).sum(-1) + eps) / (g.pow(2).sum(-1) + eps)
@@ -126,12 +133,12 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     params = [t.clone().requires_grad_(True) for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
     lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
-    unroll = torch.func.vmap(lambda x, y, a: simulate_training(model, w_global, x, y, a, hp.inner_steps) - w_global)
     n = len(updates)
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
-        e = reconstruction_error(unroll(*(p[active] for p in params)), updates[active])
+        e = reconstruction_error(simulated_updates(model, w_global, *(p[active] for p in params), hp.inner_steps),
+                                 updates[active])
         e_now = e.detach().cpu()
         finite = torch.isfinite(e_now)  # a zero update's huge error can blow the outer step up: stop there
         errors[active[finite]], iterations[active] = e_now[finite], m + 1

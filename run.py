@@ -271,9 +271,8 @@ def run(args):
             "accepted": [c for c, a in zip(clients, accepted.tolist()) if a],
             "flagged": [c for c, a in zip(clients, accepted.tolist()) if not a] + rejected,
             "rejected_nonfinite": rejected,
-            "errors": None if decision.errors is None else dict(zip(map(str, clients), decision.errors.tolist())),
-            "iterations": (None if decision.iterations is None else
-                           dict(zip(map(str, clients), decision.iterations.tolist()))),
+            "errors": per_client(clients, decision.errors),
+            "iterations": per_client(clients, decision.iterations),
             "tacc": fl.accuracy(model, w, x_test, y_test),
             "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
                     if args.attack in attacks.BACKDOOR else None),
@@ -296,6 +295,11 @@ def run(args):
         "seconds": time.time() - start,
     }
     return results
+
+
+def per_client(clients, values):
+    """{client id: value} for results.json, or None where the defense computes no such value."""
+    return None if values is None else dict(zip(map(str, clients), values.tolist()))
 
 
 def progress_line(r, total, seconds_per_round):
@@ -360,8 +364,11 @@ def plot(results, path):
     plt.close(fig)
 
 
+def pct(v):
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 def format_final(final):
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
             f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {final['aar'] if final['aar'] is not None else '-'}"
             f"  ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
@@ -374,7 +381,6 @@ def summarize(paths):
     for p in paths:
         with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
             runs.append(json.load(f))
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     print("| dataset | defense | attack | pattern | TACC | ASR | DACC | FPR | FNR | AAR | ADACC | MR | MR=0 rounds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
