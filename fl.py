@@ -135,6 +135,7 @@ class Decision:
     expel: torch.Tensor | None = None      # bool [n]: clients removed for good (FedREDefense Alg. 1); None: never
     errors: torch.Tensor | None = None     # per-update reconstruction error / recoverability, where computed
     iterations: torch.Tensor | None = None  # outer optimisation iterations spent per update, where counted
+    details: dict | None = None             # what the defense decided from, JSON-ready; stored in the round record
 
 
 def fedavg(updates, weights=None):

@@ -273,6 +273,7 @@ def run(args):
             "rejected_nonfinite": rejected,
             "errors": per_client(clients, decision.errors),
             "iterations": per_client(clients, decision.iterations),
+            "details": decision.details,
             "tacc": fl.accuracy(model, w, x_test, y_test),
             "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
                     if args.attack in attacks.BACKDOOR else None),
