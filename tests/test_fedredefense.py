@@ -96,3 +96,88 @@ def test_zero_update_is_flagged_even_when_its_optimisation_overflows(digits_roun
     decision = defense(batch, fl.Round(0, [0, 1], w, torch.tensor([50, 50]), torch.tensor([False, True])))
     assert decision.accepted.tolist() == [True, False]
     assert decision.errors[1] > 1e3 and not torch.isnan(decision.errors).any()
+
+
+def _reference_error(model, images, label_logits, alpha, g, steps):
+    """Alg. 2 lines 5-11 written out for one client, independently of the code under test: the parameters are a
+    dict of per-layer tensors run through ``model`` with torch.func.functional_call, each inner gradient comes
+    from torch.autograd.grad(..., create_graph=True), and the soft-label loss is spelled out (CE / classes)."""
+    names = [name for name, _ in model.named_parameters()]
+    w0 = [p.detach().clone().requires_grad_(True) for _, p in model.named_parameters()]
+    classes = label_logits.shape[-1]
+    w = w0
+    for _ in range(steps):
+        logits = torch.func.functional_call(model, dict(zip(names, w)), (images,))
+        loss = -(label_logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean() / classes
+        grads = torch.autograd.grad(loss, w, create_graph=True)
+        w = [p - alpha * d for p, d in zip(w, grads)]
+    update = torch.cat([(p - p0).reshape(-1) for p, p0 in zip(w, w0)])  # named_parameters order (fl.py)
+    return ((update - g).pow(2).sum() + 1e-9) / (g.pow(2).sum() + 1e-9)
+
+
+def _reference_gradients(model, k, updates, steps):
+    """Per client: (e, d e / d images, d e / d label logits, d e / d alpha) by a plain backward through the
+    reference unrolled loop."""
+    out = []
+    for x, y, a, g in zip(k.images, k.label_logits, k.alpha, updates):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, y, a)]
+        e = _reference_error(model, *leaves, g, steps)
+        out.append((e.detach(), *torch.autograd.grad(e, leaves)))
+    return out
+
+
+def _problem(digits_round, dtype, n=3):
+    """The digits CNN in ``dtype``, w^0, n real genuine updates and a distinct random K per client (so that a
+    batching mix-up between clients would show), with distinct alphas."""
+    import copy
+    model, w, updates, _ = digits_round
+    model = copy.deepcopy(model).to(dtype)
+    gen = torch.Generator().manual_seed(123)
+    k = fr.Knowledge(torch.randn(n, HP.n_images, 1, 8, 8, generator=gen),
+                     torch.randn(n, HP.n_images, 10, generator=gen),
+                     HP.alpha_init * (1 + 0.25 * torch.arange(n, dtype=torch.float32)))
+    k = fr.Knowledge(k.images.to(dtype), k.label_logits.to(dtype), k.alpha.to(dtype))
+    return model, fl.flatten_params(model), updates[:n].to(dtype), k
+
+
+def test_outer_gradient_matches_plain_unrolled_reference(digits_round):
+    """The outer gradient of e through the N unrolled inner steps (Alg. 2 lines 5-12), taken through the vmapped
+    simulated_updates + reconstruction_error for 3 clients at once, equals a per-client reference written directly
+    from Algorithm 2 with torch.autograd (float64, so the agreement is to rounding). A detached inner gradient,
+    a wrong step count, a wrong loss scale or clients leaking into each other's rows would all break it."""
+    model, w, updates, k = _problem(digits_round, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (k.images, k.label_logits, k.alpha)]
+    e = fr.reconstruction_error(fr.simulated_updates(model, w, *leaves, HP.inner_steps), updates)
+    e.sum().backward()
+    reference = _reference_gradients(model, k, updates, HP.inner_steps)
+    for i, (e_ref, *grads_ref) in enumerate(reference):
+        torch.testing.assert_close(e[i].detach(), e_ref, rtol=1e-12, atol=0)
+        for leaf, grad_ref in zip(leaves, grads_ref):
+            assert grad_ref.abs().max() > 0 and leaf.grad is not None  # not vacuous; the graph reaches K
+            torch.testing.assert_close(leaf.grad[i], grad_ref, rtol=1e-10, atol=1e-12 * grad_ref.abs().max().item())
+
+
+def test_one_outer_iteration_is_one_sgd_step_on_the_reference_gradient(digits_round):
+    """reconstruct with a cap of 1: one evaluation, one outer update, one final evaluation. The velocity starts at
+    zero, so the momentum-SGD step is K <- K - lr * grad with each part's own learning rate (Table 7), and the
+    returned error is that of the updated K. gamma = 0 rules out an early stop. reconstruct keeps its errors in
+    float32, so it runs in float32 here against the float64 reference; the allowance is 2 float32 ulps of K's
+    largest entry, well under the steps themselves (images: a few 1e-3 of the step, alpha: 4e-5)."""
+    model, w, updates, k = _problem(digits_round, torch.float32)
+    model64, _, updates64, k64 = _problem(digits_round, torch.float64)
+    hp = dataclasses.replace(HP, gamma=0.0)
+    errors, learned, iterations = fr.reconstruct(model, w, updates, k, torch.ones(len(updates), dtype=torch.long), hp)
+    assert iterations.tolist() == [2] * len(updates)
+    lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
+    eps = torch.finfo(torch.float32).eps
+    stepped = []
+    for i, (_, *grads_ref) in enumerate(_reference_gradients(model64, k64, updates64, hp.inner_steps)):
+        start = (k64.images[i], k64.label_logits[i], k64.alpha[i])
+        want = [t - lr * d for t, lr, d in zip(start, lrs, grads_ref)]
+        for got, t, w_ in zip((learned.images[i], learned.label_logits[i], learned.alpha[i]), start, want):
+            assert not torch.equal(got.double(), t)  # the step did move this part of K
+            torch.testing.assert_close(got.double(), w_, rtol=0, atol=2 * eps * t.abs().max().item())
+        stepped.append(fr.Knowledge(*want))
+    after = _reference_gradients(model64, fr.Knowledge.stack(stepped), updates64, hp.inner_steps)
+    for i, (e_ref, *_) in enumerate(after):
+        assert errors[i].item() == pytest.approx(e_ref.item(), rel=1e-5)
