@@ -1,4 +1,5 @@
 """FedDefuse (feddefuse.py): Algorithm 2 on hand-built rounds, Algorithm 1 and the defense on real updates."""
+import json
 import math
 
 import numpy as np
@@ -10,9 +11,9 @@ from scipy.optimize import minimize
 import attacks
 import feddefuse
 import fl
-from feddefuse import (benign_distance, dwt_lowpass, geometric_median, is_uniformly_benign,
+from feddefuse import (benign_distance, dbscan_labels, dwt_lowpass, geometric_median, is_uniformly_benign,
                        malicious_distance, malicious_representatives, min_max, normality_filter,
-                       normality_score, select_benign)
+                       normality_score, replay, select_benign)
 from fedredefense import Knowledge
 
 
@@ -128,15 +129,27 @@ def test_min_max():
 
 # ----------------------------------------------------------------------------------------- DBSCAN short-circuit
 
+def uniform(d_b, **kw):
+    return is_uniformly_benign(dbscan_labels(t(d_b), **kw))
+
+
 def test_is_uniformly_benign():
-    similar = t([1.0, 1.1, 0.9, 1.2, 0.95, 1.05])
-    assert is_uniformly_benign(similar)
-    assert is_uniformly_benign(similar * 1e-6)                             # scale-free
-    assert not is_uniformly_benign(t([1.0, 1.1, 0.9, 1.2, 0.95, 4.0]))    # lone outlier: noise next to a cluster
-    assert not is_uniformly_benign(t([1.0, 1.1, 0.9, 3.0, 3.1, 3.2]))
-    assert is_uniformly_benign(t([0.1, 1.0, 10.0]))                       # all noise (-1): one distinct label
-    assert is_uniformly_benign(t([0, 0, 0]))
-    assert not is_uniformly_benign(t([0, 0, 0, 1, 1]))                    # zero median -> mean scale
+    similar = [1.0, 1.1, 0.9, 1.2, 0.95, 1.05]
+    assert uniform(similar)
+    assert uniform([1e-6 * x for x in similar])                          # scale-free
+    assert not uniform([1.0, 1.1, 0.9, 1.2, 0.95, 4.0])                  # lone outlier: noise next to a cluster
+    assert not uniform([1.0, 1.1, 0.9, 3.0, 3.1, 3.2])
+    assert uniform([0.1, 1.0, 10.0])                                     # all noise (-1): one distinct label
+    assert uniform([0, 0, 0])
+    assert not uniform([0, 0, 0, 1, 1])                                  # zero median -> mean scale
+
+
+def test_dbscan_labels_chain_gaps_up_to_eps_of_the_median():
+    # median 1.0: the gap 1.0 -> 1.4 is 0.4 (one chain at eps 0.5, two clusters at eps 0.3)
+    d_b = [0.6, 0.8, 1.0, 1.4, 1.5]
+    assert dbscan_labels(t(d_b)).tolist() == [0] * 5
+    assert dbscan_labels(t(d_b), eps=0.3).tolist() == [0, 0, 0, 1, 1]
+    assert dbscan_labels(t(d_b), eps=0.3, min_samples=3).tolist() == [0, 0, 0, -1, -1]
 
 
 # ----------------------------------------------------------------------------------------- KMeans selection
@@ -168,10 +181,10 @@ def test_all_benign_round_keeps_everyone():
     updates = make_round(10, 0)
     r = torch.linspace(0.1, 0.5, 10)
     # the recoverability split is arbitrary here; the DBSCAN short-circuit must keep everyone anyway
-    accepted, phi, d_b, d_m = normality_filter(updates, r, list(range(7)), [7, 8, 9])
-    assert accepted.all()
-    assert d_b.shape == d_m.shape == phi.shape == (10,)
-    assert is_uniformly_benign(d_b)
+    f = normality_filter(dwt_lowpass(updates), r, list(range(7)), [7, 8, 9])
+    assert f.accepted.all() and f.uniform
+    assert f.d_b.shape == f.d_m.shape == f.phi.shape == (10,)
+    assert is_uniformly_benign(dbscan_labels(f.d_b)) and (f.dbscan_labels == f.dbscan_labels[0]).all()
 
 
 def test_separated_malicious_group_is_filtered():
@@ -179,17 +192,17 @@ def test_separated_malicious_group_is_filtered():
     r = t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1, 0.4, 0.9, 0.8, 0.95, 0.85])
     benign_idx, malicious_idx = [0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10]   # benign client 6 misplaced in Delta_m
     assert malicious_representatives(r, malicious_idx, 3) == [9, 7, 10]
-    accepted, phi, d_b, d_m = normality_filter(updates, r, benign_idx, malicious_idx, n_representatives=3)
-    assert accepted.tolist() == [True] * 7 + [False] * 4
-    assert phi[:7].min() > phi[7:].max()
-    assert accepted.dtype == torch.bool
+    f = normality_filter(dwt_lowpass(updates), r, benign_idx, malicious_idx, n_representatives=3)
+    assert f.accepted.tolist() == [True] * 7 + [False] * 4 and not f.uniform
+    assert f.phi[:7].min() > f.phi[7:].max()
+    assert f.accepted.dtype == torch.bool and f.representatives == [9, 7, 10]
 
 
 def test_filter_with_empty_delta_m():
     updates = make_round(7, 3)
-    accepted, phi, d_b, d_m = normality_filter(updates, torch.zeros(10), list(range(10)), [])
-    assert torch.equal(d_m, torch.zeros(10, dtype=torch.float64))
-    assert accepted.tolist() == [True] * 7 + [False] * 3
+    f = normality_filter(dwt_lowpass(updates), torch.zeros(10), list(range(10)), [])
+    assert torch.equal(f.d_m, torch.zeros(10, dtype=torch.float64)) and f.representatives == []
+    assert f.accepted.tolist() == [True] * 7 + [False] * 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,15 +237,103 @@ def test_split_by_recoverability():
     assert benign_idx.tolist() == [0, 1, 2] and malicious_idx.tolist() == []
 
 
-def test_fed_defuse_drops_gaussian_updates_and_weights_by_data_size(mixed_round):
+@pytest.fixture(scope="module")
+def recorded(mixed_round):
+    """The defense (record=True) on three genuine updates and the Gaussian one, as clients 0, 1, 2, 9."""
     model, w, updates, sizes = mixed_round
-    keep = [0, 1, 2, 4]  # three genuine updates and the Gaussian one
+    keep = [0, 1, 2, 4]
     defense = feddefuse.FedDefuse(model, (1, 8, 8), 10, feddefuse.HYPER["digits"], fl.LOCAL_LR["digits"],
-                                  torch.Generator().manual_seed(0))
+                                  torch.Generator().manual_seed(0), record=True)
     rnd = fl.Round(0, [0, 1, 2, 9], w, sizes[keep], torch.tensor([False, False, False, True]))
-    decision = defense(updates[keep], rnd)
+    return defense, rnd, updates[keep], defense(updates[keep], rnd)
+
+
+def test_fed_defuse_drops_gaussian_updates_and_weights_by_data_size(recorded):
+    defense, rnd, updates, decision = recorded
     assert decision.accepted.tolist() == [True, True, True, False]
     assert decision.expel is None and decision.errors.shape == (4,)
-    expected = (sizes[:3, None].float() * updates[:3]).sum(0) / sizes[:3].sum()
+    expected = (rnd.sizes[:3, None].float() * updates[:3]).sum(0) / rnd.sizes[:3].sum()
     assert torch.allclose(decision.update, expected, atol=1e-7)
     assert set(defense.candidate) == set(defense.surrogate) == {0, 1, 2, 9}
+
+
+def test_decision_details_are_consistent_and_json_ready(recorded):
+    defense, rnd, _, decision = recorded
+    d = json.loads(json.dumps(decision.details))
+    ids = [str(c) for c in rnd.clients]
+    for key in ("r", "d_b", "d_m", "phi", "dbscan_labels"):
+        assert list(d[key]) == ids, key
+    assert [d["r"][c] for c in ids] == pytest.approx(decision.errors.tolist())
+    assert sorted(d["delta_b"] + d["delta_m"]) == rnd.clients and not set(d["delta_b"]) & set(d["delta_m"])
+    assert max(d["r"][str(c)] for c in d["delta_b"]) < min(d["r"][str(c)] for c in d["delta_m"])
+    k = min(feddefuse.HYPER["digits"].n_representatives, len(d["delta_m"]))
+    assert d["representatives"] == sorted(d["delta_m"], key=lambda c: -d["r"][str(c)])[:k]
+    assert d["uniform"] is False and d["kmeans"] == [0, 1, 2]             # the gate fired; KMeans kept 0, 1, 2
+    assert max(d["phi"][c] for c in ids if c != "9") > d["phi"]["9"]
+
+
+def test_decision_details_map_rows_to_client_ids():
+    # rows 7-10 are malicious; client ids are not row indices
+    updates, clients = make_round(7, 4), [40, 3, 17, 8, 21, 5, 11, 30, 2, 14, 9]
+    r = t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1, 0.4, 0.9, 0.8, 0.95, 0.85])
+    f = normality_filter(dwt_lowpass(updates), r, [0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10], n_representatives=2)
+    d = feddefuse.decision_details(clients, r, torch.arange(6), torch.arange(6, 11), f)
+    assert d["delta_m"] == [11, 30, 2, 14, 9] and d["representatives"] == [14, 30]
+    assert d["phi"] == {str(c): p for c, p in zip(clients, f.phi.tolist())}
+    assert d["kmeans"] == [40, 3, 17, 8, 21, 5, 11] and d["uniform"] is False
+    assert d["dbscan_labels"]["9"] != d["dbscan_labels"]["40"]
+
+
+def test_replay_record(recorded):
+    defense, rnd, updates, decision = recorded
+    assert len(defense.replay) == 1
+    rec = defense.replay[0]
+    assert rec["clients"] == rnd.clients and torch.equal(rec["malicious"], rnd.malicious)
+    assert all(v.device.type == "cpu" for v in rec.values() if torch.is_tensor(v))
+    assert torch.equal(rec["coeffs"], dwt_lowpass(updates, "haar", 3).cpu())
+    assert torch.allclose(rec["gram"].diagonal(), updates.double().pow(2).sum(1))
+    assert rec["hyper"]["n_representatives"] == 5 and rec["hyper"]["alpha"] == 0.3
+    off = feddefuse.FedDefuse(defense.model, (1, 8, 8), 10, defense.hp, defense.local_lr, torch.Generator())
+    assert off.replay == [] and not off.record
+
+
+def test_replay_reproduces_the_live_decision_and_applies_variants(recorded):
+    defense, rnd, _, decision = recorded
+    rec = defense.replay[0]
+    live = replay(rec)
+    assert torch.equal(live.accepted, decision.accepted)
+    assert live.phi.tolist() == pytest.approx([decision.details["phi"][str(c)] for c in rnd.clients])
+    loose = replay(rec, dbscan_eps=1e6)                                    # one DBSCAN chain: everyone kept
+    assert loose.uniform and loose.accepted.all() and not live.accepted.all()
+    with pytest.raises(TypeError):
+        replay(rec, no_such_knob=1)
+
+
+def test_replay_k_picks_the_top_k_recoverability_scores_of_delta_m():
+    updates = make_round(6, 4, d=64)
+    r = t([0.1, 0.2, 0.1, 0.15, 0.1, 0.6, 0.9, 0.7, 0.95, 0.8])           # client 5 (benign) is in Delta_m
+    rec = {"coeffs": dwt_lowpass(updates), "r": r, "benign_idx": torch.arange(5),
+           "malicious_idx": torch.arange(5, 10), "malicious": torch.arange(10) >= 6,
+           "hyper": {"n_representatives": 5, "alpha": 0.5, "dbscan_eps": 0.5, "dbscan_min_samples": 2, "rule": "mean"}}
+    by_r = [8, 6, 9, 7, 5]                                                 # Delta_m by descending R
+    for k in (1, 3, 5, 10):
+        f = replay(rec, n_representatives=k)
+        assert f.representatives == by_r[:k]
+        expected = sum(torch.linalg.vector_norm(rec["coeffs"] - rec["coeffs"][j], dim=1) for j in by_r[:k])
+        assert torch.allclose(f.d_m, expected)
+    assert not torch.allclose(replay(rec, n_representatives=1).phi, replay(rec, n_representatives=5).phi)
+
+
+def test_replay_metrics_and_command_line(tmp_path, capsys):
+    updates = make_round(7, 4)                                             # rows 7-10 malicious
+    r = t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1, 0.4, 0.9, 0.8, 0.95, 0.85])
+    rec = {"coeffs": dwt_lowpass(updates), "r": r, "benign_idx": torch.arange(6),
+           "malicious_idx": torch.arange(6, 11), "malicious": torch.arange(11) >= 7,
+           "hyper": {"n_representatives": 3, "alpha": 0.5, "dbscan_eps": 0.5, "dbscan_min_samples": 2, "rule": "mean"}}
+    assert feddefuse.replay_metrics([rec]) == {"adacc": 1.0, "mr": 0.0, "mr0": 1.0, "fpr": 0.0, "gated": 1.0}
+    m = feddefuse.replay_metrics([rec, rec], dbscan_eps=1e6)              # the gate never fires: accept all
+    assert m == pytest.approx({"adacc": 7 / 11, "mr": 4 / 11, "mr0": 0.0, "fpr": 0.0, "gated": 0.0})
+    torch.save([rec], tmp_path / "replay.pt")
+    feddefuse.main(["replay", str(tmp_path / "replay.pt"), "--n-representatives", "1", "3", "--dbscan-eps", "1e6"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "replay.pt" in line]
+    assert len(rows) == 2 and "| 1 | 0.5 | 1000000.0 | 2 | mean | 63.6 | 36.4 | 0.0 | 0.0 | 0.0 |" in rows[0]
