@@ -1,15 +1,15 @@
 """Model-poisoning attacks: what the malicious clients upload in a round.
 
-Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A3-A10, and
+Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A2, A3-A10, and
 ``reference/fedredefense-official-code.md`` sec. 3 (what the official FedREDefense code does).
 
 Conventions (those of ``fl.py``):
 - Parameters and updates are flat vectors; an update is ``g = w_local - w_global``; a set of updates is ``[n, d]``.
-- Crafted attacks (``CRAFTED``) start from ``honest`` ``[q, d]``: the genuine updates the ``q`` attacking clients
-  computed this round by training honestly on their own data. They collude and pool those updates, but see no
-  benign client's update: the *partial-knowledge* setting of FedREDefense Sec. 3 and of its official code
-  (ALGORITHMS.md sec. 1, "Collusion protocol"). Every function also accepts any other known set (e.g. all benign
-  updates, for full knowledge).
+- Crafted attacks (``CRAFTED``) start from the genuine updates the attackers computed this round by training
+  honestly on their own data, and collude on a *known* set of genuine updates (ALGORITHMS.md sec. 1, "Collusion
+  protocol"): partial knowledge (every compromised participant's, FedREDefense sec. 3 and its official code) or
+  full knowledge (every participant's, FedDefuse). ``craft`` takes both; every statistic-based function takes the
+  known set as its ``honest`` argument.
 - Backdoor attacks (``BACKDOOR``) poison the local training itself (``backdoor_update``).
 - Every random draw uses the ``torch.Generator`` passed in (a CPU generator) and is made on the CPU, then moved to
   the input's device, so the same seed gives the same attack on every device.
@@ -21,6 +21,7 @@ from statistics import NormalDist
 
 import torch
 
+import baselines
 import fl
 
 CRAFTED = ("fang", "lie", "minmax", "minsum", "mpaf", "signflip", "gaussian")  # crafted from honest updates
@@ -62,7 +63,7 @@ def fang(honest, n_out, generator):
       and the deterministic midpoint 3.5 sigma instead of a uniform draw.
     - mu_j == 0 gives 0 (= mu_j), as in the FedREDefense code; Fang's paper does not cover it.
     - m < 2 (std undefined) gives zero updates, as in the FedREDefense code.
-    - The Krum-specific Fang attack (A2) is not implemented here.
+    - Against Krum the papers run Fang's Krum-specific attack instead (A2, ``fang_krum``; ``craft`` chooses).
 
     Returns ``[n_out, d]``.
     """
@@ -75,6 +76,116 @@ def fang(honest, n_out, generator):
     up = mu + (3 + u) * sigma      # s_j = -1: push the coordinate up
     down = mu - (4 - u) * sigma    # s_j = +1: push it down
     return torch.where(mu < 0, up, torch.where(mu > 0, down, torch.zeros_like(up)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A2. Fang attack on Krum (not in the official FedREDefense code: its ``Client_Krum`` is dead, broken code)
+# ---------------------------------------------------------------------------------------------------------------
+
+def fang_krum_bound(known, n_attackers, n_participants=None):
+    """lambda_0, Fang's upper bound on lambda in the attack on Krum (ALGORITHMS.md A2, step 4).
+
+    Source: Fang, Cao, Jia, Gong, USENIX Security 2020, Sec. 4 ("attacking Krum"), in update space (the
+    pre-attack global model is the origin, so ||Delta_i|| is its distance to it). With c = ``n_attackers``,
+    n = ``n_participants``, K = ``known`` ``[m, d]``, plain (not squared) Euclidean distances:
+        lambda_0 = 1 / ((n - 2c - 1) sqrt(d)) * min_{i in K} sum_{l in Gamma_i} ||Delta_l - Delta_i||
+                   + 1 / sqrt(d) * max_{i in K} ||Delta_i||,
+    Gamma_i = the n - c - 2 known updates nearest to Delta_i, i excluded (?verify the count against the paper;
+    Shejwalkar's code sums n_benign - c - 2).
+
+    Choices (Fang states the bound for full knowledge, K = the n - c benign updates):
+    - n defaults to m + c (full knowledge). Under partial knowledge the caller passes the round's participants,
+      e.g. 7 attackers knowing their own 7 genuine updates, n = 25.
+    - Gamma_i is clamped to the m - 1 other known updates when n - c - 2 exceeds them (partial knowledge): the
+      sum, and so the starting lambda, is then smaller than with full knowledge. m = 1: the sum is empty (0).
+    - Where the bound is undefined, n - 2c - 1 <= 0 (c >= n/2) or n - c - 2 <= 0, or where it is not a positive
+      finite number (e.g. every known update is zero, or m = 0), lambda_0 = 1: FLDetector's starting value.
+
+    Returns a float.
+    """
+    m, d = known.shape
+    c = n_attackers
+    n = m + c if n_participants is None else n_participants
+    if n - 2 * c - 1 <= 0 or n - c - 2 <= 0 or m == 0 or d == 0:
+        return 1.0
+    dist = baselines.pairwise_distances(known, squared=False)
+    dist.fill_diagonal_(float("inf"))
+    n_neighbours = min(n - c - 2, m - 1)
+    neighbour_sums = dist.topk(n_neighbours, dim=1, largest=False).values.sum(1)  # [m]; zeros when m = 1
+    max_norm = torch.linalg.vector_norm(known, dim=1).max()
+    lambda_0 = (neighbour_sums.min() / ((n - 2 * c - 1) * math.sqrt(d)) + max_norm / math.sqrt(d)).item()
+    return lambda_0 if 0 < lambda_0 < math.inf else 1.0
+
+
+def fang_krum_lambda(known, n_attackers, f, *, n_participants=None, lambda_min=1e-5):
+    """Fang's search for lambda (ALGORITHMS.md A2, step 5); returns (lambda, lambda_0).
+
+    Starting from lambda = lambda_0 (``fang_krum_bound``):
+        while lambda >= lambda_min:
+            if Krum(K followed by c copies of -lambda s, f) selects a copy: stop
+            lambda <- lambda / 2
+    with s = sign(mean of K) and Krum = ``baselines.krum`` (squared distances, the given f). If no lambda down to
+    lambda_min succeeds, the last lambda (the first one below lambda_min) is used anyway, as both Fang's and
+    FLDetector's code do. So lambda <= lambda_0 and lambda_0 / lambda is a power of 2.
+
+    Choices:
+    - Knowledge is whatever ``known`` is: the simulated round is K plus the c copies (partial knowledge: Fang
+      simulates Krum on those alone; FLDetector's partial variant also grows the number of simulated attackers,
+      not done here).
+    - The known updates come first and the copies last (the attackers are the last ids in this project), so a
+      tie in the Krum scores goes to a known update: the search only stops on a strict win.
+    - If Krum cannot run on the simulated round (m + c - f - 2 < 1), there are no attackers (c = 0) or nothing is
+      known (m = 0), there is nothing to search: lambda = lambda_0.
+    """
+    m, d = known.shape
+    c = n_attackers
+    lambda_0 = fang_krum_bound(known, c, n_participants)
+    if c < 1 or m == 0 or m + c - f - 2 < 1:
+        return lambda_0, lambda_0
+    s = torch.sign(known.mean(0))
+    lam = lambda_0
+    while lam >= lambda_min:
+        crafted = (-lam * s).expand(c, d)
+        if baselines.krum(torch.cat([known, crafted]), f).accepted[m:].any():
+            break
+        lam /= 2
+    return lam, lambda_0
+
+
+def fang_krum(known, n_attackers, f, generator, *, n_participants=None, eps=0.01, lambda_min=1e-5):
+    """Fang attack on Krum (ALGORITHMS.md A2). Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX Security 2020, Sec. 4; the search and the noise follow FLDetector's
+    ``byzantine.py`` (``dir_full_krum_lambda`` / ``dir_partial_krum_lambda``), same group. Used only when the server
+    runs Krum (both seed papers; FedREDefense A.2).
+
+    Formula, with K = ``known`` ``[m, d]``, c = ``n_attackers`` and s = sign(mean of K) in {-1, 0, +1}^d:
+        Delta'_1 = -lambda * s,           lambda from ``fang_krum_lambda`` (Fang's bound, halved until simulated
+                                          Krum with the server's ``f`` selects a crafted update)
+        Delta'_k = Delta'_1 + xi_k,       k = 2..c, ||xi_k|| <= eps,
+    xi_k = u / ||u|| * r * eps with u ~ Uniform(-1/2, 1/2)^d and r ~ U(0,1) (FLDetector), drawn after lambda is
+    fixed (during the search all c copies are identical), on the CPU with ``generator``, then moved to K's
+    device. Coordinates with s_j = 0 stay 0 in Delta'_1 (only the noise touches them in the other rows).
+
+    Knowledge: K + Krum with its f. Partial: K = the attackers' own genuine updates, with ``n_participants`` the
+    round's n for the bound; full: K = all benign updates (``n_participants`` defaults to m + c).
+
+    Choices where sources disagree: direction from the mean of K (Shejwalkar; matches A1), not FLDetector's sign
+    of Krum(K) nor Fang's unattacked global-model change; start at Fang's bound, not FLDetector's lambda = 1
+    (which is kept as the fallback where the bound is undefined, see ``fang_krum_bound``); eps = 0.01 and
+    lambda_min = 1e-5 as FLDetector. m = 0 (nothing known, no direction): zero updates, like the other crafted
+    attacks with too little knowledge.
+
+    Returns ``[n_attackers, d]``.
+    """
+    m, d = known.shape
+    c = n_attackers
+    if m == 0 or c == 0:
+        return known.new_zeros(c, d)
+    lam, _ = fang_krum_lambda(known, c, f, n_participants=n_participants, lambda_min=lambda_min)
+    first = -lam * torch.sign(known.mean(0))
+    u = _rand((c - 1, d), generator, known) - 0.5
+    xi = u / torch.linalg.vector_norm(u, dim=1, keepdim=True) * _rand((c - 1, 1), generator, known) * eps
+    return torch.cat([first[None], first + xi])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,8 +392,8 @@ def sign_flip(honest, k=1.0):
 
     Knowledge: own (each row uses only its own honest update).
 
-    Choice: k = 1 (a pure flip, as in FLPoison and Damaskinos et al.); FedDefuse gives no k, other works use 4 or
-    10, and Wu et al.'s value is unverified.
+    Choice: k = 1 by default (a pure flip, as in FLPoison and Damaskinos et al.); FedDefuse gives no k, other works
+    use 4 or 10, and Wu et al.'s value is unverified. ``run.py --signflip-k`` sets it.
 
     Returns ``[m, d]``, row-wise.
     """
@@ -368,31 +479,40 @@ def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, sc
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
-def craft(name, honest, *, n_participants, w_global, w_init, sizes, generator):
+def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, generator, signflip_k=1.0, krum_f=None):
     """The crafted updates of the attack ``name`` (one of ``CRAFTED``) for this round's attackers.
 
-    honest: ``[q, d]``, the attacking clients' genuine updates this round (each attacker trained honestly first;
-        they collude, so every statistic is over these q rows: partial knowledge, ALGORITHMS.md sec. 1).
-    n_participants: clients taking part this round, malicious included (LIE's n).
+    honest: ``[q, d]``, the attacking clients' own genuine updates this round (every attacker trains honestly
+        first; sign-flip and Gaussian transform their own row).
+    known: ``[k, d]``, the genuine updates the colluding attackers know (ALGORITHMS.md sec. 1), from which Fang,
+        LIE, Min-Max and Min-Sum take their statistics: *partial* knowledge, the genuine updates of every
+        compromised participant of the round, attacking or not (FedREDefense sec. 3), or *full* knowledge, every
+        participant's genuine update (FedDefuse sec. 1: "complete knowledge of others"). The caller chooses.
+    n_participants: clients taking part this round, malicious included (LIE's n; q is ``len(honest)``).
     w_global, w_init: the current global model w^{t-1} and the initial one w^0 (MPAF's base).
     sizes: ``fl.param_sizes(model)`` (Gaussian's per-tensor slices).
     generator: CPU ``torch.Generator`` for Fang and Gaussian.
+    signflip_k: sign-flip's k (FedDefuse App. B.1 gives none; 1 is a pure flip).
+    krum_f: the f of the server's Krum when it runs Krum or Multi-Krum: "fang" then means Fang's attack on Krum
+        (A2), as in both papers; None (any other defense): the trimmed-mean/median attack (A1).
 
     Returns ``[q, d]``, row k for the k-th attacker. Unknown name: ValueError.
     """
     q, d = honest.shape
+    if name == "fang" and krum_f is not None:
+        return fang_krum(known, q, krum_f, generator, n_participants=n_participants)
     if name == "fang":
-        return fang(honest, q, generator)
+        return fang(known, q, generator)
     if name == "lie":
-        return lie(honest, n_participants, q)
+        return lie(known, n_participants, q)
     if name == "minmax":
-        return min_max(honest).expand(q, d).clone()
+        return min_max(known).expand(q, d).clone()
     if name == "minsum":
-        return min_sum(honest).expand(q, d).clone()
+        return min_sum(known).expand(q, d).clone()
     if name == "mpaf":
         return mpaf(w_init, w_global).to(honest).expand(q, d).clone()
     if name == "signflip":
-        return sign_flip(honest)
+        return sign_flip(honest, signflip_k)
     if name == "gaussian":
         return gaussian(honest, w_global, sizes, generator)
     raise ValueError(f"unknown crafted attack {name!r}; expected one of {CRAFTED}")

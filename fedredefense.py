@@ -163,6 +163,7 @@ class FedREDefense:
     first reconstruction starts from K^0 under the first-participation cap. The aggregate is the unweighted mean
     of the accepted updates, as in the official code.
     """
+    expels = True  # run.py expels the flagged clients, and a client whose update was not finite as well
 
     def __init__(self, model, sample_shape, num_classes, hp, generator, device):
         self.model, self.hp = model, hp

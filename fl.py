@@ -1,6 +1,6 @@
 """Federated-learning plumbing shared by every defense.
 
-The paper's CNNs, local SGD, model <-> update vectors, FedAvg, and the metrics both papers report.
+The paper's CNNs (and FedDefuse's fully connected nets), local SGD, model <-> update vectors, FedAvg, and the metrics both papers report.
 
 Conventions (used by every module):
 - A model's parameters are one flat vector ``w`` in ``named_parameters()`` order; the CNNs have no buffers.
@@ -49,6 +49,32 @@ class CNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class MLP(nn.Module):
+    """The fully connected networks of FedDefuse App. B.1: two FC layers for 1-channel data (its FMNIST model),
+    three for 3-channel data (its CIFAR-10 model), ReLU between them; the softmax lives in the loss.
+
+    The paper gives the depths only. Widths chosen here: 200 hidden units for the two-layer net (the width of
+    McMahan et al.'s MNIST MLP), 512 and 128 for the three-layer one (the CIFAR CNN's FC width of Table 6, then a
+    quarter of it). The image is flattened first, so every module that builds the model from ``sample_shape``
+    (FedREDefense's knowledge, FedDefuse's surrogates) works unchanged.
+    """
+
+    def __init__(self, in_channels, image_size, num_classes=10):
+        super().__init__()
+        widths = [in_channels * image_size * image_size] + ([200] if in_channels == 1 else [512, 128])
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.out = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x)
+
+
+MODELS = {"cnn": CNN, "mlp": MLP}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,7 +157,8 @@ class Round:
 class Decision:
     """What every defense returns; detection metrics are computed from it in one place (run.py)."""
     update: torch.Tensor                   # aggregated update: w^t = w^{t-1} + update
-    accepted: torch.Tensor                 # bool [n]: updates that went into the aggregate
+    accepted: torch.Tensor | None          # bool [n]: updates that went into the aggregate; None: the rule
+                                           # makes no per-client decision (Median, Trimmed mean, RFA, ...)
     expel: torch.Tensor | None = None      # bool [n]: clients removed for good (FedREDefense Alg. 1); None: never
     errors: torch.Tensor | None = None     # per-update reconstruction error / recoverability, where computed
     iterations: torch.Tensor | None = None  # outer optimisation iterations spent per update, where counted

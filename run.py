@@ -5,10 +5,11 @@
     python run.py --summarize runs/*                       # tables from earlier runs' results.json
 
 One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
-  1. the server samples the round's participants among the clients it has not expelled;
+  1. the server samples the round's participants among the clients it has not expelled (--sampling);
   2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA client trains on poisoned data);
   3. updates with NaN/Inf are rejected (flagged) before anything else reads them;
-  4. the attacking clients replace their honest updates by crafted ones (Fang, LIE, ..., collusion);
+  4. the attacking clients replace their honest updates by crafted ones (Fang, LIE, ...), colluding on the
+     genuine updates they know (--knowledge);
   5. the defense decides which updates to aggregate (and, for FedREDefense, whom to expel for good);
   6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
 """
@@ -29,8 +30,16 @@ import fedredefense
 import feddefuse
 import fl
 
-DEFENSES = ("fedavg", "oracle", "fedredefense", "feddefuse")
+DEFENSES = ("fedavg", "oracle") + baselines.ROBUST + ("fedredefense", "feddefuse")
 PATTERNS = ("I", "II", "III")
+SAMPLING = ("uniform", "capped", "attackers-first")
+KNOWLEDGE = ("partial", "full")
+# Each paper's threat model: how participants are sampled, what colluding attackers know, which model is trained.
+# A run reproduces one of them (README); --sampling, --knowledge and --model override a single part.
+PROTOCOLS = {
+    "fedredefense": {"sampling": "uniform", "knowledge": "partial", "model": "cnn"},  # sec. 3, 5.1, App. B.2
+    "feddefuse": {"sampling": "capped", "knowledge": "full", "model": "mlp"},          # sec. 1, 2.2, App. B.1
+}
 # Laptop-scale defaults for the embedded dataset; the paper's scale for the others (FedREDefense sec. 5.1.4).
 DEFAULT_CLIENTS = {"digits": 25}
 DEFAULT_ROUNDS = {"digits": 40}
@@ -58,19 +67,39 @@ def parse_args(argv=None):
     p.add_argument("--attack", choices=attacks.ATTACKS, default="fang")
     p.add_argument("--clients", type=int, help="number of clients (default: 25 for digits, 100 otherwise)")
     p.add_argument("--malicious", type=int, help="number of malicious clients (default: 28%% of --clients)")
-    p.add_argument("--rounds", type=int, help="communication rounds (default: 30 for digits, 500 otherwise)")
+    p.add_argument("--assumed-malicious", type=int,
+                   help="f of Krum/Multi-Krum, b of Trimmed mean: how many malicious clients the server assumes "
+                        "(default: --malicious)")
+    p.add_argument("--norm-bound", default="median",
+                   help="normbound's M: median (the round's median update norm), oracle (FedREDefense's: mean norm "
+                        "of the truly benign updates) or a number (default: median)")
+    p.add_argument("--rounds", type=int, help="communication rounds (default: 40 for digits, 500 otherwise)")
     p.add_argument("--beta", type=float, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
     p.add_argument("--participation", type=float, default=1.0,
                    help="share of all clients sampled per round (default: 1.0)")
     p.add_argument("--participants", type=int, help="clients per round (overrides --participation)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                   help="whose threat model: sampling, knowledge, model (default: feddefuse for --defense "
+                        "feddefuse, fedredefense otherwise)")
+    p.add_argument("--sampling", choices=SAMPLING,
+                   help="uniform: participants drawn uniformly; capped: A-bar caps a round's attackers (FedDefuse); "
+                        "attackers-first: always floor(A-bar * S) attackers (stress test)")
+    p.add_argument("--knowledge", choices=KNOWLEDGE,
+                   help="what crafted attacks know: partial (every compromised participant's genuine update) or "
+                        "full (every participant's)")
+    p.add_argument("--model", choices=tuple(fl.MODELS), help="cnn (FedREDefense) or mlp (FedDefuse)")
     p.add_argument("--max-malicious-share", type=float, default=0.6,
-                   help="A-bar: most of a round's participants that may be malicious (default: 0.6)")
+                   help="A-bar: most of a round's participants that may be malicious, for --sampling capped and "
+                        "attackers-first (default: 0.6)")
     p.add_argument("--pattern", choices=PATTERNS, default="I",
                    help="I: attack every round; II: only the first --attack-rounds; III: with --attack-prob")
     p.add_argument("--attack-rounds", type=int, default=50, help="pattern II: rounds that attack (default: 50)")
     p.add_argument("--attack-prob", type=float, default=0.2, help="pattern III: attack probability (default: 0.2)")
+    p.add_argument("--signflip-k", type=float, default=1.0, help="sign-flip's k: send -k times the update (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--save-replay", action="store_true",
+                   help="feddefuse: also write replay.pt, each round's Algorithm 2 inputs (feddefuse.replay)")
     p.add_argument("--out", help="output folder for results.json and results.png (default: runs/<setting>)")
     p.add_argument("--summarize", nargs="+", metavar="RUN",
                    help="print the tables of earlier runs (folders or results.json files) and exit")
@@ -78,9 +107,15 @@ def parse_args(argv=None):
     if args.summarize:
         return args
 
+    args.protocol = args.protocol or ("feddefuse" if args.defense == "feddefuse" else "fedredefense")
+    for key, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.clients = args.clients if args.clients is not None else DEFAULT_CLIENTS.get(args.dataset, 100)
     args.malicious = args.malicious if args.malicious is not None else round(MALICIOUS_SHARE * args.clients)
     args.rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS.get(args.dataset, 500)
+    if args.assumed_malicious is None:
+        args.assumed_malicious = args.malicious
     if args.participants is None:
         args.participants = max(1, int(args.participation * args.clients + 1e-9))
     checks = [
@@ -88,6 +123,9 @@ def parse_args(argv=None):
         (0 <= args.malicious < args.clients, "--malicious", f"an integer in [0, {args.clients - 1}]",
          args.malicious),
         (args.rounds >= 1, "--rounds", "an integer >= 1", args.rounds),
+        (args.assumed_malicious >= 0, "--assumed-malicious", "an integer >= 0", args.assumed_malicious),
+        (args.norm_bound in ("median", "oracle") or is_number(args.norm_bound, at_least=0), "--norm-bound",
+         "median, oracle or a number >= 0", args.norm_bound),
         (args.beta > 0, "--beta", "a number > 0", args.beta),
         (0 < args.participation <= 1, "--participation", "a number in (0, 1]", args.participation),
         (1 <= args.participants <= args.clients, "--participants", f"an integer in [1, {args.clients}]",
@@ -96,6 +134,7 @@ def parse_args(argv=None):
          args.max_malicious_share),
         (args.attack_rounds >= 0, "--attack-rounds", "an integer >= 0", args.attack_rounds),
         (0 <= args.attack_prob <= 1, "--attack-prob", "a number in [0, 1]", args.attack_prob),
+        (args.signflip_k >= 0, "--signflip-k", "a number >= 0", args.signflip_k),
         (args.device != "cuda" or torch.cuda.is_available(), "--device", "auto or cpu (no CUDA device here)",
          args.device),
     ]
@@ -103,13 +142,21 @@ def parse_args(argv=None):
         if not ok:
             p.error(f"argument {flag}: must be {allowed} (got {value})")
     if args.attack == "lie":
-        most = min(args.malicious, max_attackers(args.participants, args.max_malicious_share))
+        most = min(args.malicious, args.participants if args.sampling == "uniform" else
+                   max_attackers(args.participants, args.max_malicious_share))
         if most >= args.participants // 2 + 1:
             p.error(f"argument --attack: lie is undefined when attackers are a majority of a round "
                     f"({most} of {args.participants}); lower --malicious or --max-malicious-share")
     args.out = args.out or os.path.join(
         "runs", f"{args.dataset}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
     return args
+
+
+def is_number(text, at_least):
+    try:
+        return float(text) >= at_least
+    except ValueError:
+        return False
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -121,19 +168,34 @@ def max_attackers(n, max_share):
     return math.floor(max_share * n + 1e-9)
 
 
-def sample_participants(available, malicious, n, max_share, rng):
-    """M^t / S^r: n clients among the unexpelled ones, attackers first (FedDefuse App. B.1).
+def sample_participants(available, malicious, n, max_share, rng, sampling):
+    """M^t / S^r: n clients among the unexpelled ones (all of them when n >= their number), by one of three rules.
 
-    "Prior to each round, we first sample the attackers according to A-bar": min(floor(A-bar n), available
-    attackers) malicious clients are drawn uniformly, then benign clients fill the round. With full participation
-    this is every available client, as in FedREDefense (App. A.5).
+    - uniform (FedREDefense Alg. 1 and its code, FedDefuse sec. 2.1): n clients drawn uniformly; a round holds
+      however many attackers the draw brings.
+    - capped (FedDefuse App. B.1: "Prior to each experimental round, we first sample the attackers according to
+      A-bar", A-bar being "the maximum ratio of malicious participants in each round"): the round's attacker count
+      m is drawn uniformly from {ceil(A/2), ..., A}, A = floor(A-bar n), then m attackers and n - m benign clients
+      are drawn uniformly. The paper gives only the maximum; this reading is inferred from its No-Defense rows
+      (DACC 55.3 / MR 44.7 for every attack and both datasets, Tables 1 and 3): MR of accept-all is the mean
+      attacking share, and the reading gives about 0.75 A-bar = 45% for A-bar = 0.6, whatever n. The reading
+      "m uniform in {0, ..., A}" would give 30%, and a constant A gives 60%.
+    - attackers-first: always min(A, available attackers) attackers, then benign clients: the worst case A-bar
+      allows, every round; kept as a stress test.
+    Too few clients of one kind leave the round short rather than exceed the attacker count.
     """
+    draw = lambda pool, k: [pool[i] for i in torch.randperm(len(pool), generator=rng)[:k].tolist()]
+    if sampling == "uniform":
+        return sorted(draw(available, n))
     bad = [c for c in available if c in malicious]
     good = [c for c in available if c not in malicious]
-    n_bad = min(len(bad), max_attackers(n, max_share))
+    top = max_attackers(n, max_share)
+    if sampling == "capped":
+        low = math.ceil(top / 2)
+        top = low + int(torch.randint(top - low + 1, (1,), generator=rng))
+    n_bad = min(len(bad), top)
     n_good = min(len(good), n - n_bad)
-    pick = lambda pool, k: [pool[i] for i in torch.randperm(len(pool), generator=rng)[:k].tolist()]
-    return sorted(pick(bad, n_bad) + pick(good, n_good))
+    return sorted(draw(bad, n_bad) + draw(good, n_good))
 
 
 def attacking_now(pattern, t, is_malicious, attack_rounds, attack_prob, rng):
@@ -147,6 +209,11 @@ def attacking_now(pattern, t, is_malicious, attack_rounds, attack_prob, rng):
     return is_malicious & (torch.rand(len(is_malicious), generator=rng) < attack_prob)
 
 
+def krum_f(args, n):
+    """Against Krum or Multi-Krum, Fang's attack targets Krum with the f the server uses (both papers); else None."""
+    return baselines.krum_f(args.assumed_malicious, n) if args.defense in ("krum", "multikrum") else None
+
+
 def generator_for(seed, t, *client):
     """A generator for (round[, client]): a client's randomness does not depend on who else was sampled."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, t, *client]).generate_state(1)[0]))
@@ -157,7 +224,10 @@ def generator_for(seed, t, *client):
 # -----------------------------------------------------------------------------------------------------------------
 
 def round_metrics(accepted, attacking):
-    """Per-round DACC, FPR, FNR over the round's participants and MR (FedDefuse App. B.1)."""
+    """Per-round DACC, FPR, FNR over the round's participants and MR (FedDefuse App. B.1); all None for a rule
+    that makes no per-client decision (``accepted`` None), as FedDefuse's tables print "-" for RFA or Median."""
+    if accepted is None:
+        return {"dacc": None, "fpr": None, "fnr": None, "mr": None}
     return {**fl.detection_metrics(~accepted, attacking), "mr": fl.malicious_rate(accepted, attacking)}
 
 
@@ -171,7 +241,9 @@ def final_metrics(rounds, n_clients, malicious, expelled, expels, tacc, asr):
 
     dacc/fpr/fnr: client-level verdicts at the end of training over all clients, never-sampled ones counting as
     benign (FedREDefense App. A.4); defined only for a defense that marks clients (expels them), else None.
-    aar: mean over malicious clients of the rounds in which their attacking update was aggregated (App. A.4).
+    aar: mean over malicious clients of the rounds in which they took part and their update was aggregated
+    (App. A.4), attacking or not; aar_attacking counts only the rounds in which they attacked. Both are None for a
+    rule that makes no per-client decision (Median, Trimmed mean, RFA, Norm bound).
     adacc/afpr/afnr/mr: per-round detection over the participants, averaged over rounds (FedREDefense App. B.1,
     FedDefuse App. B.1).
     """
@@ -179,11 +251,12 @@ def final_metrics(rounds, n_clients, malicious, expelled, expels, tacc, asr):
     truth = torch.tensor([c in malicious for c in range(n_clients)])
     flagged = torch.tensor([c in expelled for c in range(n_clients)])
     out.update(fl.detection_metrics(flagged, truth) if expels else {"dacc": None, "fpr": None, "fnr": None})
-    aggregated = sum(len(set(r["accepted"]) & set(r["attacking"])) for r in rounds)
-    out["aar"] = aggregated / len(malicious) if malicious else None
+    decided = malicious and all(r["accepted"] is not None for r in rounds)
+    aar = lambda who: sum(len(set(r["accepted"]) & set(who(r))) for r in rounds) / len(malicious) if decided else None
+    out.update(aar=aar(lambda r: malicious), aar_attacking=aar(lambda r: r["attacking"]))
     per_round = lambda key: mean_of([r[key] for r in rounds])
     out.update(adacc=per_round("dacc"), afpr=per_round("fpr"), afnr=per_round("fnr"), mr=per_round("mr"),
-               mr_zero_rounds=mean_of([float(r["mr"] == 0) for r in rounds]))
+               mr_zero_rounds=mean_of([None if r["mr"] is None else float(r["mr"] == 0) for r in rounds]))
     iterations = [i for r in rounds for i in (r["iterations"] or {}).values()]
     out["aoi"] = sum(iterations) / len(iterations) if iterations else None
     return out
@@ -201,7 +274,10 @@ def make_defense(args, model, ds, device):
                                          device)
     if args.defense == "feddefuse":
         return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], fl.LOCAL_LR[args.dataset],
-                                   generator)
+                                   generator, record=args.save_replay)
+    if args.defense in baselines.ROBUST:
+        norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
+        return baselines.RobustDefense(args.defense, args.assumed_malicious, norm_bound)
     return getattr(baselines, args.defense)
 
 
@@ -214,19 +290,22 @@ def run(args):
     parts = data.dirichlet_partition(ds.y_train, args.clients, args.beta, args.seed)
     # The last q ids, as in the official code; with no attack nobody is malicious, for the metrics too.
     malicious = set(range(args.clients - args.malicious, args.clients)) if args.attack != "none" else set()
-    model = fl.CNN(ds.x_train.shape[1], ds.x_train.shape[2], ds.num_classes).to(device)
+    model = fl.MODELS[args.model](ds.x_train.shape[1], ds.x_train.shape[2], ds.num_classes).to(device)
     w = w_init = fl.flatten_params(model)
     lr = fl.LOCAL_LR[args.dataset]
     pixels = data.trigger_pixels(ds.x_train.shape[2])
     add_trigger = lambda x: data.add_trigger(x, pixels)
     defense = make_defense(args, model, ds, device)
     rng = torch.Generator().manual_seed(args.seed)  # sampling and attack schedule
-    expelled, marks_clients, rounds, start = set(), False, [], time.time()
+    marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
+    expelled, rounds, start = set(), [], time.time()
+    print(f"threat model: {threat_model(args)}", flush=True)
 
     for t in range(args.rounds):
         tic = time.time()
         available = [c for c in range(args.clients) if c not in expelled]
-        clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng)
+        clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng,
+                                      args.sampling)
         is_malicious = torch.tensor([c in malicious for c in clients])
         attacking = attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
 
@@ -246,30 +325,33 @@ def run(args):
         finite = fl.finite_rows(updates).cpu()
         rejected, rejected_attacking = [c for c, ok in zip(clients, finite.tolist()) if not ok], attacking[~finite]
         clients = [c for c, ok in zip(clients, finite.tolist()) if ok]
-        updates, attacking = updates[finite.to(device)], attacking[finite]
+        updates, attacking, is_malicious = updates[finite.to(device)], attacking[finite], is_malicious[finite]
 
-        # Crafted attacks: the attacking clients collude on their honest updates (partial knowledge).
+        # Crafted attacks: the attacking clients collude on the genuine updates they know (--knowledge).
         if args.attack in attacks.CRAFTED and attacking.any():
+            known = updates[is_malicious.to(device)] if args.knowledge == "partial" else updates
             updates[attacking.to(device)] = attacks.craft(
-                args.attack, updates[attacking.to(device)], n_participants=len(clients), w_global=w,
-                w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t))
+                args.attack, updates[attacking.to(device)], known, n_participants=len(clients), w_global=w,
+                w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
+                signflip_k=args.signflip_k, krum_f=krum_f(args, len(clients)))
 
         sizes = torch.tensor([len(parts[c]) for c in clients])
         decision = (defense(updates, fl.Round(t, clients, w, sizes, attacking)) if clients else  # all expelled
-                    fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool)))
+                    fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool),
+                                expel=torch.zeros(0, dtype=torch.bool)))
         w = w + decision.update
-        accepted = decision.accepted.cpu()
-        if decision.expel is not None:
-            marks_clients = True
-            expelled |= {c for c, e in zip(clients, decision.expel.tolist()) if e}
+        accepted = None if decision.accepted is None else decision.accepted.cpu()
+        if marks_clients:  # a non-finite update is flagged too, so its client goes the same way
+            expelled |= {c for c, e in zip(clients, decision.expel.tolist()) if e} | set(rejected)
 
         record = {
             "round": t + 1,
             "participants": clients + rejected,
             "attacking": [c for c, a in zip(clients + rejected, torch.cat([attacking, rejected_attacking]).tolist())
                           if a],
-            "accepted": [c for c, a in zip(clients, accepted.tolist()) if a],
-            "flagged": [c for c, a in zip(clients, accepted.tolist()) if not a] + rejected,
+            "accepted": None if accepted is None else [c for c, a in zip(clients, accepted.tolist()) if a],
+            "flagged": (rejected if accepted is None else
+                        [c for c, a in zip(clients, accepted.tolist()) if not a] + rejected),
             "rejected_nonfinite": rejected,
             "errors": per_client(clients, decision.errors),
             "iterations": per_client(clients, decision.iterations),
@@ -277,7 +359,8 @@ def run(args):
             "tacc": fl.accuracy(model, w, x_test, y_test),
             "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
                     if args.attack in attacks.BACKDOOR else None),
-            **round_metrics(torch.cat([accepted, torch.zeros(len(rejected), dtype=torch.bool)]),
+            **round_metrics(None if accepted is None else torch.cat([accepted, torch.zeros(len(rejected),
+                                                                                          dtype=torch.bool)]),
                             torch.cat([attacking, rejected_attacking])),
             "seconds": time.time() - tic,
         }
@@ -295,7 +378,16 @@ def run(args):
                                rounds[-1]["asr"]),
         "seconds": time.time() - start,
     }
+    if args.save_replay and args.defense == "feddefuse":
+        os.makedirs(args.out, exist_ok=True)
+        write_atomically(os.path.join(args.out, "replay.pt"), lambda tmp: torch.save(defense.replay, tmp))
     return results
+
+
+def threat_model(config):
+    """One line naming the threat model a run used, for its progress output and every summary table."""
+    c = config if isinstance(config, dict) else vars(config)
+    return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
 
 
 def per_client(clients, values):
@@ -306,8 +398,9 @@ def per_client(clients, values):
 def progress_line(r, total, seconds_per_round):
     eta = "-" if seconds_per_round is None else f"{seconds_per_round * (total - r['round']) / 60:.1f} min"
     asr = f"  ASR {100 * r['asr']:5.1f}%" if r["asr"] is not None else ""
+    accepted = "all" if r["accepted"] is None else len(r["accepted"])
     return (f"round {r['round']:>3}/{total}  TACC {100 * r['tacc']:5.1f}%{asr}  "
-            f"accepted {len(r['accepted']):>3}  flagged {len(r['flagged']):>3}  ({r['seconds']:.1f}s, ETA {eta})")
+            f"accepted {accepted:>3}  flagged {len(r['flagged']):>3}  ({r['seconds']:.1f}s, ETA {eta})")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -370,9 +463,10 @@ def pct(v):
 
 
 def format_final(final):
+    aar = "-" if final["aar"] is None else f"{final['aar']:.2f}"
     return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
-            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {final['aar'] if final['aar'] is not None else '-'}"
-            f"  ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
+            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {aar}  ADACC {pct(final['adacc'])}  "
+            f"MR {pct(final['mr'])}")
 
 
 def summarize(paths):
@@ -382,12 +476,14 @@ def summarize(paths):
     for p in paths:
         with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
             runs.append(json.load(f))
-    print("| dataset | defense | attack | pattern | TACC | ASR | DACC | FPR | FNR | AAR | ADACC | MR | MR=0 rounds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | defense | attack | pattern | threat model | TACC | ASR | DACC | FPR | FNR | AAR | ADACC | MR "
+          "| MR=0 rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         c, f = r["config"], r["final"]
         aar = "-" if f["aar"] is None else f"{f['aar']:.2f}"
-        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {pct(f['tacc'])} | "
+        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {threat_model(c)} | "
+              f"{pct(f['tacc'])} | "
               f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | {aar} | "
               f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
     with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]

@@ -302,26 +302,151 @@ def craft_inputs(q=4):
 def test_attack_lists():
     assert attacks.ATTACKS == ("none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba", "signflip",
                                "gaussian")
-    assert set(attacks.CRAFTED) | set(attacks.BACKDOOR) | {"none"} == set(attacks.ATTACKS)
+    honest, kw = craft_inputs()
+    for name in attacks.ATTACKS:  # each name is crafted by `craft` or trains on poisoned data, never both
+        if name in attacks.CRAFTED:
+            assert attacks.craft(name, honest, honest, generator=gen(), **kw).shape == honest.shape
+        else:
+            with pytest.raises(ValueError):
+                attacks.craft(name, honest, honest, generator=gen(), **kw)
+    assert set(attacks.BACKDOOR) == {"scaling", "dba"}
 
 
 @pytest.mark.parametrize("name", attacks.CRAFTED)
 def test_craft_shape_finite_and_deterministic(name):
     honest, kw = craft_inputs()
-    out = attacks.craft(name, honest, generator=gen(4), **kw)
+    out = attacks.craft(name, honest, honest, generator=gen(4), **kw)
     assert out.shape == honest.shape
     assert torch.isfinite(out).all()
-    assert torch.equal(out, attacks.craft(name, honest, generator=gen(4), **kw))
+    assert torch.equal(out, attacks.craft(name, honest, honest, generator=gen(4), **kw))
     if name in ("lie", "minmax", "minsum", "mpaf"):
         assert (out == out[0]).all()
     if name == "mpaf":
         assert torch.allclose(out[0], 3.0 * (kw["w_init"] - kw["w_global"]))
     if name == "signflip":
         assert torch.equal(out, -honest)
+        assert torch.equal(attacks.craft(name, honest, honest, generator=gen(), signflip_k=4.0, **kw), -4 * honest)
+
+
+def test_craft_takes_its_statistics_from_the_known_set_and_its_own_rows_from_honest():
+    """Knowledge: Fang's mu and sigma come from ``known`` (e.g. every participant's genuine update, full
+    knowledge), not from the attackers' own rows; sign-flip transforms the attackers' own rows only."""
+    honest, kw = craft_inputs(q=2)
+    known = 1.0 + 0.5 * torch.randn(6, honest.shape[1], generator=gen(7))  # far from `honest`, mean ~ +1
+    mu, sigma = known.mean(0), known.std(0)
+    z = (attacks.craft("fang", honest, known, generator=gen(8), **kw) - mu) / sigma
+    down = mu > 0
+    assert z.shape == honest.shape and (z[:, down] <= -3 + 1e-4).all() and (z[:, down] >= -4 - 1e-4).all()
+    assert torch.equal(attacks.craft("signflip", honest, known, generator=gen(), **kw), -honest)
+    lie = attacks.craft("lie", honest, known, generator=gen(), **kw)[0]
+    assert torch.allclose(lie, mu - attacks.lie_z(20, 2) * known.std(0, unbiased=False))
 
 
 @pytest.mark.parametrize("name", ["scaling", "dba", "none", "krum"])
 def test_craft_unknown_name_raises(name):
     honest, kw = craft_inputs()
     with pytest.raises(ValueError):
-        attacks.craft(name, honest, generator=gen(), **kw)
+        attacks.craft(name, honest, honest, generator=gen(), **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A2 Fang attack on Krum
+# ---------------------------------------------------------------------------------------------------------------
+
+def ref_krum_index(x, f):
+    """Krum from its definition (squared distances, n - f - 2 nearest others, ties to the lowest index)."""
+    x = x.double().numpy()
+    n = len(x)
+    scores = [sum(sorted(float(((x[i] - x[j]) ** 2).sum()) for j in range(n) if j != i)[:n - f - 2])
+              for i in range(n)]
+    return min(range(n), key=lambda i: (scores[i], i))
+
+
+def ref_fang_krum_bound(known, c, n):
+    """Fang's lambda_0 from ALGORITHMS.md A2 step 4, neighbours clamped to the known set."""
+    x = known.double().numpy()
+    m, d = x.shape
+    sums = [sum(sorted(math.dist(x[i], x[l]) for l in range(m) if l != i)[:min(n - c - 2, m - 1)])
+            for i in range(m)]
+    return min(sums) / ((n - 2 * c - 1) * math.sqrt(d)) + max(math.hypot(*row) for row in x) / math.sqrt(d)
+
+
+def fang_krum_cases():
+    """(known, c, f, n_participants): full knowledge, a case that needs halving, and partial knowledge."""
+    return [
+        (0.3 * randn(16, 50, seed=1) + 0.1, 6, 6, None),
+        (randn(20, 50, seed=2) + 0.1, 4, 4, None),
+        (0.5 * randn(10, 50, seed=3) + 0.1, 3, 3, None),
+        (randn(7, 50, seed=4) + 0.1, 7, 7, 25),       # 7 attackers knowing only their own 7 updates, n = 25
+    ]
+
+
+def is_power_of_two(r):
+    return r >= 1 and r == 2.0 ** round(math.log2(r))
+
+
+def test_fang_krum_wins_krum_with_minus_lambda_sign_and_small_noise():
+    halved = False
+    for known, c, f, n in fang_krum_cases():
+        lam, lam0 = attacks.fang_krum_lambda(known, c, f, n_participants=n)
+        out = attacks.fang_krum(known, c, f, gen(5), n_participants=n)
+        assert out.shape == (c, known.shape[1]) and out.dtype == known.dtype
+        assert lam >= 1e-5
+        assert ref_krum_index(torch.cat([known, out]), f) >= len(known)  # Krum selects a crafted update
+        s = torch.sign(known.mean(0))
+        assert torch.equal(out[0], -lam * s)
+        assert (out[0].abs()[s != 0] == lam).all()
+        assert lam <= lam0 and is_power_of_two(lam0 / lam)
+        halved |= lam < lam0
+        noise = (out[1:] - out[0]).norm(dim=1)
+        assert (noise <= 0.01 + 1e-12).all() and (noise > 0).all()
+    assert halved  # at least one case exercises the halving
+
+
+def test_fang_krum_bound_formula_and_fallbacks():
+    for known, c, f, n in fang_krum_cases():
+        n_round = len(known) + c if n is None else n
+        assert attacks.fang_krum_bound(known, c, n) == pytest.approx(ref_fang_krum_bound(known, c, n_round),
+                                                                     rel=1e-9)
+    known = randn(7, 20)
+    assert attacks.fang_krum_bound(known, 7) == 1.0                      # n = 14, c = 7: n - 2c - 1 < 0
+    assert attacks.fang_krum_bound(known, 3, n_participants=7) == 1.0   # n - 2c - 1 = 0
+    assert attacks.fang_krum_bound(torch.zeros(5, 20, dtype=torch.float64), 1) == 1.0  # bound 0
+    assert attacks.fang_krum_bound(randn(0, 20), 2, n_participants=10) == 1.0
+    one = randn(1, 20)  # a single known update: no neighbours, only the norm term
+    assert attacks.fang_krum_bound(one, 1, n_participants=10) == pytest.approx(one.norm().item() / math.sqrt(20))
+
+
+def test_fang_krum_zero_direction_coordinates_stay_zero():
+    known = randn(12, 30, seed=6) + 0.2
+    known[:, 0] = torch.tensor([1.0, -1.0] * 6, dtype=torch.float64)  # mean exactly 0
+    out = attacks.fang_krum(known, 3, 3, gen(1), eps=0.0)
+    assert (out[:, 0] == 0).all() and (out == out[0]).all()
+
+
+def test_fang_krum_search_that_never_succeeds_keeps_the_last_lambda():
+    # One attacker against a tight cluster around +5: -lambda s is near the origin for every lambda, so Krum never
+    # picks it and lambda is halved until it first drops under lambda_min.
+    known = 5 + 0.01 * randn(8, 10, seed=7)
+    lam, lam0 = attacks.fang_krum_lambda(known, 1, 1)
+    assert lam < 1e-5 <= 2 * lam and is_power_of_two(lam0 / lam)
+    out = attacks.fang_krum(known, 1, 1, gen())
+    assert out.shape == (1, 10) and torch.equal(out[0], -lam * torch.ones(10, dtype=torch.float64))
+    lam, _ = attacks.fang_krum_lambda(known, 1, 1, lambda_min=1e-2)
+    assert 0.5e-2 <= lam < 1e-2
+
+
+def test_fang_krum_edge_cases():
+    known = randn(3, 10, seed=8)
+    lam0 = attacks.fang_krum_bound(known, 1)
+    assert attacks.fang_krum_lambda(known, 1, 3) == (lam0, lam0)  # 4 - 3 - 2 < 1: Krum cannot be simulated
+    assert torch.equal(attacks.fang_krum(randn(0, 10), 4, 1, gen()), torch.zeros(4, 10, dtype=torch.float64))
+    assert attacks.fang_krum(known, 0, 1, gen()).shape == (0, 10)
+
+
+def test_fang_krum_deterministic_under_a_seed():
+    known, c, f, n = fang_krum_cases()[0]
+    a = attacks.fang_krum(known, c, f, gen(3), n_participants=n)
+    assert torch.equal(a, attacks.fang_krum(known, c, f, gen(3), n_participants=n))
+    b = attacks.fang_krum(known, c, f, gen(4), n_participants=n)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1:], b[1:])

@@ -27,7 +27,14 @@ TINY = ["--clients", "6", "--malicious", "2", "--rounds", "2"]
     (["--max-malicious-share", "2"], "--max-malicious-share"),
     (["--attack-prob", "-0.1"], "--attack-prob"),
     (["--attack", "krum"], "--attack"),
-    (["--defense", "median"], "--defense"),
+    (["--defense", "bulyan"], "--defense"),
+    (["--norm-bound", "-1"], "--norm-bound"),
+    (["--norm-bound", "mean"], "--norm-bound"),
+    (["--assumed-malicious", "-1"], "--assumed-malicious"),
+    (["--sampling", "random"], "--sampling"),
+    (["--knowledge", "none"], "--knowledge"),
+    (["--model", "resnet"], "--model"),
+    (["--signflip-k", "-2"], "--signflip-k"),
     (["--pattern", "IV"], "--pattern"),
     (["--rounds", "two"], "--rounds"),
     (["--attack", "lie", "--malicious", "15", "--participants", "10"], "--attack"),
@@ -49,16 +56,40 @@ def test_missing_dataset_names_the_path_and_the_flag(tmp_path):
     assert not out.exists(), "nothing half-written is left behind"
 
 
-def test_sampling_caps_the_attackers_and_skips_expelled_clients():
-    malicious = set(range(10, 20))
-    rng = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        chosen = run.sample_participants(list(range(20)), malicious, 10, 0.6, rng)
-        assert len(chosen) == 10 and len(set(chosen)) == 10
-        assert sum(c in malicious for c in chosen) == 6  # attackers first, floor(0.6 * 10) of them
-    everyone = run.sample_participants([0, 1, 2, 15, 16], malicious, 10, 0.6, rng)
-    assert everyone == [0, 1, 2, 15, 16]  # full participation among the clients not expelled
+def attacker_counts(sampling, draws=3000):
+    """Attackers per round when 10 of 20 clients (10 of them malicious) are sampled with A-bar = 0.6."""
+    malicious, rng, counts = set(range(10, 20)), torch.Generator().manual_seed(0), []
+    for _ in range(draws):
+        chosen = run.sample_participants(list(range(20)), malicious, 10, 0.6, rng, sampling)
+        assert len(chosen) == 10 and len(set(chosen)) == 10 and chosen == sorted(chosen)
+        counts.append(sum(c in malicious for c in chosen))
+    return torch.tensor(counts, dtype=torch.float)
+
+
+def test_sampling_rules_bring_the_attacker_counts_each_paper_describes():
+    assert set(attacker_counts("attackers-first", 50).tolist()) == {6}  # floor(0.6 * 10), every round
+    capped = attacker_counts("capped")
+    assert set(capped.tolist()) == {3, 4, 5, 6}  # uniform on {ceil(6/2), ..., 6}: A-bar is the maximum
+    assert capped.mean().item() == pytest.approx((3 + 4 + 5 + 6) / 4, abs=0.06)
+    uniform = attacker_counts("uniform")  # hypergeometric: mean 10 * 10/20 = 5, variance 5 * 0.5 * 10/19
+    assert uniform.mean().item() == pytest.approx(5.0, abs=0.06)
+    assert uniform.var().item() == pytest.approx(10 * 0.5 * 0.5 * 10 / 19, rel=0.1)
+    assert uniform.max() > 6  # no cap
+    for sampling in run.SAMPLING:  # every available client when the round asks for more, expelled ones never
+        chosen = run.sample_participants([0, 1, 2, 15, 16], set(range(10, 20)), 10, 0.6,
+                                         torch.Generator().manual_seed(0), sampling)
+        assert chosen == [0, 1, 2, 15, 16]
     assert run.max_attackers(100, 0.28) == 28
+
+
+def test_each_protocol_sets_its_papers_threat_model_and_single_flags_override_it():
+    assert [getattr(run.parse_args([]), k) for k in ("protocol", "sampling", "knowledge", "model")] == \
+        ["fedredefense", "uniform", "partial", "cnn"]
+    assert [getattr(run.parse_args(["--defense", "feddefuse"]), k) for k in ("protocol", "sampling", "knowledge",
+                                                                              "model")] == \
+        ["feddefuse", "capped", "full", "mlp"]
+    a = run.parse_args(["--defense", "fedavg", "--protocol", "feddefuse", "--model", "cnn"])
+    assert (a.sampling, a.knowledge, a.model) == ("capped", "full", "cnn")
 
 
 def test_attack_patterns():
@@ -78,15 +109,21 @@ def test_round_and_final_metrics_hand_computed():
          "iterations": {"0": 1, "3": 3}},
         {"accepted": [0, 1], "attacking": [], "mr": 0.0, "dacc": 1.0, "fpr": 0.0, "fnr": None, "iterations": None},
     ]
+    rounds[1]["accepted"].append(3)  # client 3 took part in round 2 without attacking, and was aggregated
     m = run.round_metrics(torch.tensor([1, 1, 0, 1, 0], dtype=torch.bool),
                           torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool))
     assert m == {"dacc": 3 / 5, "fpr": 1 / 3, "fnr": 1 / 2, "mr": 1 / 3}
     f = run.final_metrics(rounds, 5, {3, 4}, {4}, True, tacc=0.9, asr=None)
     assert f["dacc"] == 4 / 5 and f["fpr"] == 0.0 and f["fnr"] == 1 / 2  # client level: 4 expelled, 3 slipped by
-    assert f["aar"] == 1 / 2  # client 3 aggregated once while attacking, client 4 never
+    assert f["aar"] == 2 / 2  # App. A.4: client 3 aggregated in both rounds, client 4 never
+    assert f["aar_attacking"] == 1 / 2  # client 3 aggregated once while attacking
     assert f["adacc"] == 0.9 and f["afnr"] == 0.5 and f["mr"] == 1 / 6 and f["mr_zero_rounds"] == 0.5
     assert f["aoi"] == 2.0
     assert run.final_metrics(rounds, 5, {3, 4}, set(), False, 0.9, None)["dacc"] is None
+    undecided = [{**r, "accepted": None, "mr": None, "dacc": None, "fpr": None, "fnr": None} for r in rounds]
+    f = run.final_metrics(undecided, 5, {3, 4}, set(), False, 0.9, None)  # a rule with no per-client decision
+    assert f["aar"] is None and f["adacc"] is None and f["mr_zero_rounds"] is None
+    assert run.round_metrics(None, torch.tensor([True]))["mr"] is None
 
 
 def test_nonfinite_updates_are_rejected_before_anyone_sees_them(monkeypatch, tmp_path):
@@ -96,7 +133,7 @@ def test_nonfinite_updates_are_rejected_before_anyone_sees_them(monkeypatch, tmp
         return torch.full_like(g, float("nan")) if len(x) == len_of_client_0 else g
     seen = []
     def spy(updates, rnd):
-        seen.append(torch.isfinite(updates).all().item())
+        seen.append((torch.isfinite(updates).all().item(), len(updates), 0 in rnd.clients))
         return run.baselines.fedavg(updates, rnd)
     args = run.parse_args(TINY + ["--attack", "fang", "--defense", "fedavg", "--out", str(tmp_path)])
     parts = run.data.dirichlet_partition(run.data.load_dataset("digits").y_train, 6, 0.1, 0)
@@ -104,10 +141,44 @@ def test_nonfinite_updates_are_rejected_before_anyone_sees_them(monkeypatch, tmp
     monkeypatch.setattr(fl, "local_update", poisoned)
     monkeypatch.setattr(run, "make_defense", lambda *a: spy)
     results = run.run(args)
-    assert all(seen)
+    assert seen == [(True, 5, False)] * 2  # the defense saw the 5 finite updates only, client 0 not among them
     for r in results["rounds"]:
         assert 0 in r["flagged"] and 0 in r["rejected_nonfinite"] and 0 not in r["accepted"]
-    assert all(torch.isfinite(torch.tensor(r["tacc"])) for r in results["rounds"])
+        assert r["participants"][-1] == 0 and len(r["accepted"]) == 5
+
+
+def test_a_defense_that_expels_expels_a_nonfinite_update_too(monkeypatch, tmp_path):
+    """Algorithm 1 removes every flagged client for good; a non-finite update is flagged, so its client goes."""
+    genuine = fl.local_update
+    monkeypatch.setattr(fl, "local_update", lambda model, w, x, y, lr, g: (
+        torch.full_like(w, float("inf")) if len(x) == len_of_client_0 else genuine(model, w, x, y, lr, g)))
+    monkeypatch.setitem(fedredefense.HYPER, "digits",  # a loose gamma: every finite update passes
+                        fedredefense.Hyper(1e-1, 5e-2, 2e-1, 1e-3, first_iters=2, max_iters=2, gamma=1e6))
+    len_of_client_0 = len(run.data.dirichlet_partition(run.data.load_dataset("digits").y_train, 6, 0.1, 0)[0])
+    results = run.run(run.parse_args(TINY + ["--attack", "none", "--out", str(tmp_path)]))
+    assert results["expelled"] == [0]
+    assert 0 in results["rounds"][0]["participants"] and 0 not in results["rounds"][1]["participants"]
+
+
+@pytest.mark.parametrize("knowledge", run.KNOWLEDGE)
+def test_colluding_attackers_know_what_their_knowledge_level_says(knowledge, monkeypatch, tmp_path):
+    """Partial: the genuine updates of every compromised participant, attacking or not; full: every participant's.
+    Pattern III leaves rounds with one attacker among several compromised participants: the statistics-based
+    attacks then still have >= 2 known updates and never send the zero update (issue: pattern-III bias)."""
+    craft, calls = run.attacks.craft, []
+    def spy(name, honest, known, **kw):
+        out = craft(name, honest, known, **kw)
+        calls.append((len(honest), len(known), bool((out == 0).all(dim=1).any())))
+        return out
+    monkeypatch.setattr(run.attacks, "craft", spy)
+    args = ["--clients", "8", "--malicious", "4", "--rounds", "12", "--pattern", "III", "--attack-prob", "0.4",
+            "--defense", "fedavg", "--knowledge", knowledge, "--out", str(tmp_path)]
+    for attack in ("fang", "lie", "minmax", "minsum"):
+        calls.clear()
+        run.run(run.parse_args(args + ["--attack", attack]))
+        assert calls and any(q == 1 for q, _, _ in calls)  # rounds with a single attacker did happen
+        assert all(k == (4 if knowledge == "partial" else 8) for _, k, _ in calls)  # full participation
+        assert not any(zero for _, _, zero in calls)
 
 
 @pytest.mark.parametrize("defense", ["fedredefense", "feddefuse"])
@@ -134,3 +205,65 @@ def test_a_round_with_every_client_expelled_keeps_the_model(monkeypatch, tmp_pat
     first, second = results["rounds"]
     assert len(first["flagged"]) == 6 and second["participants"] == [] and second["tacc"] == first["tacc"]
     assert results["final"]["dacc"] == 2 / 6 and results["final"]["fpr"] == 1.0 and results["final"]["fnr"] == 0.0
+
+
+@pytest.mark.parametrize("defense", run.baselines.ROBUST)
+def test_every_robust_rule_survives_every_attack_with_a_finite_model(defense, monkeypatch, tmp_path):
+    """Two rounds of each rule against each attack: no exception, every aggregate finite (TACC is then computed
+    from a finite model), and Krum/Multi-Krum report the updates they selected."""
+    make, aggregates = run.make_defense, []
+    def spying_make(*a):
+        rule = make(*a)
+        def spy(updates, rnd):
+            decision = rule(updates, rnd)
+            aggregates.append((torch.isfinite(decision.update).all().item(), decision.accepted))
+            return decision
+        return spy
+    monkeypatch.setattr(run, "make_defense", spying_make)
+    for attack in run.attacks.ATTACKS:
+        aggregates.clear()
+        run.run(run.parse_args(TINY + ["--defense", defense, "--attack", attack, "--out", str(tmp_path)]))
+        assert len(aggregates) == 2 and all(finite for finite, _ in aggregates)
+        selects = defense in ("krum", "multikrum")
+        assert all((accepted is not None) == selects for _, accepted in aggregates)
+        if defense == "krum":
+            assert all(int(accepted.sum()) == 1 for _, accepted in aggregates)
+
+
+def test_a_rule_whose_precondition_fails_falls_back_and_says_so_once():
+    said = []
+    krum = run.baselines.RobustDefense("krum", 7, warn=said.append)
+    updates = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0]])
+    rnd = fl.Round(0, [0, 1, 2, 3], torch.zeros(2), torch.ones(4), torch.zeros(4, dtype=torch.bool))
+    for _ in range(3):
+        decision = krum(updates, rnd)  # f = 7 > n - 3 = 1: Krum with f = 1, one neighbour each
+        assert decision.accepted.tolist() == [True, False, False, False]
+    assert len(said) == 1 and "f = 1" in said[0]
+    pair = krum(updates[:2], rnd)  # no neighbours at all: the mean
+    assert torch.equal(pair.update, torch.tensor([0.05, 0.0]))
+    trmean = run.baselines.RobustDefense("trmean", 7, warn=said.append)(updates, rnd)  # b = 1: drop min and max
+    assert torch.allclose(trmean.update, torch.tensor([0.05, 0.05]))
+
+
+def test_norm_bound_thresholds():
+    updates = torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 30.0]])  # norms 5, 1, 30
+    rnd = fl.Round(0, [0, 1, 2], torch.zeros(2), torch.ones(3), torch.tensor([False, False, True]))
+    median = run.baselines.RobustDefense("normbound", 1, "median")(updates, rnd).update  # M = 5
+    assert torch.allclose(median, (updates[0] + updates[1] + torch.tensor([0.0, 5.0])) / 3)
+    oracle = run.baselines.RobustDefense("normbound", 1, "oracle")(updates, rnd).update  # M = (5 + 1) / 2 = 3
+    assert torch.allclose(oracle, (torch.tensor([1.8, 2.4]) + updates[1] + torch.tensor([0.0, 3.0])) / 3)
+    fixed = run.baselines.RobustDefense("normbound", 1, 1.0)(updates, rnd).update
+    assert torch.allclose(fixed, (torch.tensor([0.6, 0.8]) + updates[1] + torch.tensor([0.0, 1.0])) / 3)
+
+
+def test_fang_becomes_the_attack_on_krum_against_krum_only(monkeypatch, tmp_path):
+    chosen = []
+    monkeypatch.setattr(run.attacks, "fang_krum", lambda known, q, f, g, **kw: chosen.append(("krum", f)) or
+                        torch.zeros(q, known.shape[1]))
+    monkeypatch.setattr(run.attacks, "fang", lambda known, q, g: chosen.append(("trim", None)) or
+                        torch.zeros(q, known.shape[1]))
+    for defense in ("krum", "multikrum", "median"):
+        chosen.clear()
+        run.run(run.parse_args(TINY + ["--defense", defense, "--attack", "fang", "--assumed-malicious", "3",
+                                       "--out", str(tmp_path)]))
+        assert chosen == ([("krum", 3)] * 2 if defense != "median" else [("trim", None)] * 2)
