@@ -11,6 +11,15 @@ import data  # noqa: E402
 import fl  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is far faster (and immune to a busy machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits_round():
     """Round 0 on digits (25 clients, beta 0.1): the model, w^0, and the genuine updates and sizes of clients 0-3."""
