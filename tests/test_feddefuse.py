@@ -337,3 +337,22 @@ def test_replay_metrics_and_command_line(tmp_path, capsys):
     feddefuse.main(["replay", str(tmp_path / "replay.pt"), "--n-representatives", "1", "3", "--dbscan-eps", "1e6"])
     rows = [line for line in capsys.readouterr().out.splitlines() if "replay.pt" in line]
     assert len(rows) == 2 and "| 1 | 0.5 | 1000000.0 | 2 | mean | 63.6 | 36.4 | 0.0 | 0.0 | 0.0 |" in rows[0]
+
+
+def test_diagnosis_counts_what_separates_the_attacked_rounds():
+    updates = make_round(7, 4)                                             # rows 7-10 malicious
+    r = t([0.1, 0.12, 0.08, 0.11, 0.09, 0.1, 0.4, 0.9, 0.8, 0.95, 0.85])
+    u = updates.double()
+    rec = {"coeffs": dwt_lowpass(updates), "r": r, "benign_idx": torch.arange(6), "gram": u @ u.T,
+           "malicious_idx": torch.arange(6, 11), "malicious": torch.arange(11) >= 7,
+           "hyper": {"n_representatives": 3, "alpha": 0.5, "dbscan_eps": 0.5, "dbscan_min_samples": 2, "rule": "mean"}}
+    attack_free = {**rec, "malicious": torch.zeros(11, dtype=torch.bool)}
+    m = feddefuse.diagnosis([rec, attack_free])
+    assert m["rounds"] == 1                                                # the attack-free round is not scored
+    assert m["r_separable"] == 1 and m["split_clean"] == 1                 # R of rows 7-10 above all genuine R
+    genuine = torch.nn.functional.normalize(u[:7], dim=1)                  # cosine from its definition
+    pairs = [(genuine[i] @ genuine[j]).item() for i in range(7) for j in range(7) if i != j]
+    everyone = torch.nn.functional.normalize(u, dim=1)
+    pairs_free = [(everyone[i] @ everyone[j]).item() for i in range(11) for j in range(11) if i != j]
+    assert m["cosine"] == pytest.approx((sum(pairs) / len(pairs) + sum(pairs_free) / len(pairs_free)) / 2)
+    assert m["uniform"] == int(replay(rec).uniform)
