@@ -377,7 +377,13 @@ class RobustDefense:
         if rule == "median":
             return median(updates)
         if rule == "normbound":
-            M = {"median": median_norm, "oracle": lambda u: oracle_norm_bound(u, ~rnd.malicious)}.get(
-                self.norm_bound, lambda u: self.norm_bound)(updates)
-            return normbound(updates, M)
+            return normbound(updates, self.threshold(updates, rnd))
         return rfa(updates, weights=rnd.sizes)
+
+    def threshold(self, updates, rnd):
+        """Norm bound's M for this round: the median norm, the oracle's mean benign norm, or the fixed number."""
+        if self.norm_bound == "median":
+            return median_norm(updates)
+        if self.norm_bound == "oracle":
+            return oracle_norm_bound(updates, ~rnd.malicious)
+        return self.norm_bound

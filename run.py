@@ -209,7 +209,7 @@ def attacking_now(pattern, t, is_malicious, attack_rounds, attack_prob, rng):
     return is_malicious & (torch.rand(len(is_malicious), generator=rng) < attack_prob)
 
 
-def krum_f(args, n):
+def attacked_krum_f(args, n):
     """Against Krum or Multi-Krum, Fang's attack targets Krum with the f the server uses (both papers); else None."""
     return baselines.krum_f(args.assumed_malicious, n) if args.defense in ("krum", "multikrum") else None
 
@@ -333,7 +333,7 @@ def run(args):
             updates[attacking.to(device)] = attacks.craft(
                 args.attack, updates[attacking.to(device)], known, n_participants=len(clients), w_global=w,
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
-                signflip_k=args.signflip_k, krum_f=krum_f(args, len(clients)))
+                signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)))
 
         sizes = torch.tensor([len(parts[c]) for c in clients])
         decision = (defense(updates, fl.Round(t, clients, w, sizes, attacking)) if clients else  # all expelled
