@@ -489,12 +489,18 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
         compromised participant of the round, attacking or not (FedREDefense sec. 3), or *full* knowledge, every
         participant's genuine update (FedDefuse sec. 1: "complete knowledge of others"). The caller chooses.
     n_participants: clients taking part this round, malicious included (LIE's n; q is ``len(honest)``).
-    w_global, w_init: the current global model w^{t-1} and the initial one w^0 (MPAF's base).
+    w_global, w_init: the current global model w^{t-1} and the initial one w^0 (MPAF's base); w_global is
+        ``[q, d]``, one row per attacker, when the server trains an ensemble (FLCert: each group its model).
     sizes: ``fl.param_sizes(model)`` (Gaussian's per-tensor slices).
     generator: CPU ``torch.Generator`` for Fang and Gaussian.
     signflip_k: sign-flip's k (FedDefuse App. B.1 gives none; 1 is a pure flip).
     krum_f: the f of the server's Krum when it runs Krum or Multi-Krum: "fang" then means Fang's attack on Krum
         (A2), as in both papers; None (any other defense): the trimmed-mean/median attack (A1).
+
+    LIE in a round whose attackers are a majority: run.py refuses settings where sampling alone can bring that
+    about, but a defense that expels benign clients (FLDetector under LIE) can leave only attackers. z_max is then
+    undefined (``lie_z``) and neither paper says what the attackers do; here they send LIE's centre, the mean of
+    the known updates (z = 0), so the run goes on.
 
     Returns ``[q, d]``, row k for the k-th attacker. Unknown name: ValueError.
     """
@@ -503,8 +509,8 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
         return fang_krum(known, q, krum_f, generator, n_participants=n_participants)
     if name == "fang":
         return fang(known, q, generator)
-    if name == "lie":
-        return lie(known, n_participants, q)
+    if name == "lie":  # attackers a majority (a defense expelled benign clients): z_max undefined, z = 0
+        return lie(known, n_participants, q, z=0.0 if q >= n_participants // 2 + 1 else None)
     if name == "minmax":
         return min_max(known).expand(q, d).clone()
     if name == "minsum":

@@ -17,9 +17,11 @@ Conventions: updates are ``g_i = w_i - w^{t-1}`` (``fl.py``); every rule returns
 on its device. The FedREDefense code aggregates *models* for Median, Trimmed mean and Krum; on updates that is the
 same, because those rules are translation-equivariant and Krum only uses differences (ALGORITHMS.md sec. 1).
 """
+import collections
 import math
 import sys
 
+import numpy as np
 import torch
 
 import fl
@@ -387,3 +389,676 @@ class RobustDefense:
         if self.norm_bound == "oracle":
             return oracle_norm_bound(updates, ~rnd.malicious)
         return self.norm_bound
+
+
+# ===============================================================================================================
+# Detection baselines: rules that decide, per client, whose update is aggregated
+# ===============================================================================================================
+# Each is a pure function of the round's updates (plus what the rule legitimately uses: the global model, a server
+# update, the clients' histories) and, where the rule keeps state across rounds, a small class holding that state
+# with the defense interface ``defense(updates, rnd) -> fl.Decision``. State is keyed by client id, so partial
+# participation and expelled clients need no special case.
+
+DETECTION = ("flame", "fltrust", "fldetector", "flcert", "auror", "foolsgold", "feddmc", "fedcpa", "freqfed")
+
+# Their settings that depend on the scale of a run, set once per dataset (never per attack). Paper scale: FLDetector's
+# window of 10 rounds after a 50-round cold start and FLCert's 10 groups (FedREDefense App. A.3), Auror's 10 warm-up
+# rounds and alpha (FLPoison's values, ALGORITHMS.md D11). Digits runs 40 rounds of 25 clients, not 500 of 100: the
+# round counts shrink (FLDetector can then detect from round 11 and still train 29 rounds after its restart), FLCert
+# keeps 5 clients per group (10 in the paper), and Auror's alpha is on the scale of digits' larger updates (lr 0.05).
+PAPER_SCALE = {"fldetector_window": 10, "fldetector_cold_start": 50, "flcert_groups": 10, "auror_warmup": 10}
+DETECTION_HYPER = {
+    "digits": {"fldetector_window": 5, "fldetector_cold_start": 5, "flcert_groups": 5, "auror_warmup": 5,
+               "auror_alpha": 0.01},
+    "mnist": {**PAPER_SCALE, "auror_alpha": 1e-4},
+    "fmnist": {**PAPER_SCALE, "auror_alpha": 1e-4},
+    "cifar10": {**PAPER_SCALE, "auror_alpha": 7e-4},
+    "cinic10": {**PAPER_SCALE, "auror_alpha": 7e-4},
+}
+
+
+def cosine_distances(vectors):
+    """``[n, n]`` float64 matrix of 1 - cos(v_i, v_j), zero diagonal; a zero vector is at distance 1 from the rest."""
+    v = vectors.double()
+    norms = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    unit = torch.where(norms > 0, v / norms, torch.zeros_like(v))
+    dist = (1 - unit @ unit.T).clamp(0, 2)
+    return dist.fill_diagonal_(0)
+
+
+def hdbscan_labels(dist, min_cluster_size, allow_single_cluster):
+    """scikit-learn's HDBSCAN on a precomputed distance matrix, min_samples = 1 (FLAME's and FreqFed's setting).
+
+    Returns a numpy int array of cluster labels, -1 for noise. Fewer than two points form one cluster (label 0):
+    HDBSCAN needs at least two.
+    """
+    from sklearn.cluster import HDBSCAN
+
+    n = len(dist)
+    if n < 2:
+        return np.zeros(n, dtype=int)
+    return HDBSCAN(metric="precomputed", min_cluster_size=max(2, min(min_cluster_size, n)), min_samples=1,
+                   allow_single_cluster=allow_single_cluster, copy=True).fit_predict(dist.cpu().numpy())
+
+
+def window_majority(history, client, flagged, window=10):
+    """Self-ensemble correction of FedDMC (and its lab's Auror): remember a client's last ``window`` per-round
+    flags in ``history`` (a dict of deques, updated in place) and flag it iff it was flagged in more than half of
+    the rounds remembered."""
+    h = history.setdefault(client, collections.deque(maxlen=window))
+    h.append(bool(flagged))
+    return sum(h) > len(h) / 2
+
+
+def decided(update, accepted, **details):
+    """A ``fl.Decision`` for a rule that accepts some clients: ``accepted`` as a bool CPU tensor, details as JSON."""
+    return fl.Decision(update=update, accepted=torch.as_tensor(accepted, dtype=torch.bool).cpu(),
+                       details=details or None)
+
+
+def zero_update(updates):
+    return torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D6. FLAME
+# ---------------------------------------------------------------------------------------------------------------
+
+def flame(updates, w_global, *, lam=0.001, generator=None, on="models"):
+    """FLAME (ALGORITHMS.md D6). Nguyen et al., "FLAME: Taming Backdoors in Federated Learning", USENIX Security
+    2022, Algorithm 1; FedREDefense App. A.3.
+
+    1. c_ij = 1 - cos(W_i, W_j) of the local models W_i = w^{t-1} + Delta_i (``on="updates"``: of the Delta_i).
+    2. HDBSCAN on c with min_cluster_size = floor(n/2) + 1, so at most one cluster exists; its members are admitted.
+    3. Adaptive clipping: S_t = median_i ||Delta_i|| over *all* n clients; an admitted update is scaled by
+       min(1, S_t / ||Delta_i||).
+    4. Aggregate: the mean of the clipped admitted updates, plus Gaussian noise N(0, (lam * S_t)^2 I).
+
+    Paper silent or unverified (no official code exists; choices follow ALGORITHMS.md D6):
+    - HDBSCAN's min_samples = 1 and allow_single_cluster = True: every reimplementation's choice.
+    - every client labelled noise: everyone is admitted (the paper says nothing); ``details["cluster"]`` is False.
+    - lam = 0.001, the image-classification value (?verify; reimplementations use 0 or a per-layer std instead).
+      ``generator`` draws the noise (None: no noise, as lam = 0).
+    - the median is the textbook one (even n: the mean of the two middle norms).
+    Returns ``fl.Decision`` with ``accepted`` the admitted clients and ``details`` {cluster, clip S_t}.
+    """
+    n = len(updates)
+    if n == 0:
+        return decided(zero_update(updates), [], cluster=False, clip=0.0)
+    points = updates + w_global if on == "models" else updates
+    labels = hdbscan_labels(cosine_distances(points), n // 2 + 1, allow_single_cluster=True)
+    found = bool((labels != -1).any())
+    admitted = torch.as_tensor(labels != -1 if found else np.ones(n, dtype=bool)).to(updates.device)
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    S = _middle(norms.sort().values)
+    clipped = updates * torch.where(norms > S, S / norms.clamp_min(1e-12), torch.ones_like(norms))[:, None]
+    update = clipped[admitted].mean(0)
+    if generator is not None and lam > 0:
+        update = update + (lam * S) * torch.randn(update.shape, generator=generator).to(update)
+    return decided(update, admitted, cluster=found, clip=S.item())
+
+
+class FLAME:
+    """FLAME with the defense interface; holds the generator of its adaptive noise (seeded: runs repeat)."""
+
+    def __init__(self, seed, lam=0.001):
+        self.generator, self.lam = torch.Generator().manual_seed(seed), lam
+
+    def __call__(self, updates, rnd):
+        return flame(updates, rnd.w_global, lam=self.lam, generator=self.generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D7. FLTrust
+# ---------------------------------------------------------------------------------------------------------------
+
+def fltrust(updates, g0):
+    """FLTrust (ALGORITHMS.md D7). Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+    Bootstrapping", NDSS 2021, Algorithm 1 (the server side).
+
+    Given the server update g_0 (trained on the root set from w^{t-1}):
+        TS_i = ReLU(cos(Delta_i, g_0))                       trust score
+        hat Delta_i = (||g_0|| / ||Delta_i||) Delta_i         magnitude normalised to the server's
+        aggregate = sum_i TS_i hat Delta_i / sum_i TS_i
+    A zero update has trust 0. When every trust score is 0, the round is skipped (the zero update) rather than
+    falling back to FedAvg, as several libraries silently do; the paper does not say. A client is "accepted" iff
+    TS_i > 0 (FedREDefense App. B.1 counts TS_i = 0 as flagged).
+    Returns ``fl.Decision`` with ``details`` {trust: [TS_i]}.
+    """
+    norms = torch.linalg.vector_norm(updates, dim=1)
+    g0_norm = torch.linalg.vector_norm(g0)
+    nonzero = (norms > 0) & (g0_norm > 0)
+    trust = torch.where(nonzero, torch.relu(updates @ g0) / (norms * g0_norm), torch.zeros_like(norms))
+    if not trust.sum() > 0:
+        return decided(zero_update(updates), trust > 0, trust=trust.tolist())
+    normalised = updates * torch.where(nonzero, g0_norm / norms, torch.zeros_like(norms))[:, None]
+    return decided((trust @ normalised) / trust.sum(), trust > 0, trust=trust.tolist())
+
+
+class FLTrust:
+    """FLTrust as a server: a root set of ``root_size`` training examples drawn once (seeded), and g_0 trained on
+    it every round with the clients' own local procedure (``fl.local_update``: same epochs, batch size, SGD rate),
+    as FedREDefense App. A.3 does. Root size: 100 in FLTrust (?verify), 500 in FedREDefense (to match its
+    clients' 600 examples); ``run.py --root-size``."""
+
+    def __init__(self, model, x_train, y_train, lr, root_size, seed):
+        g = torch.Generator().manual_seed(seed)
+        root = torch.randperm(len(x_train), generator=g)[:root_size].to(x_train.device)
+        self.model, self.x_root, self.y_root, self.lr, self.generator = model, x_train[root], y_train[root], lr, g
+
+    def __call__(self, updates, rnd):
+        g0 = fl.local_update(self.model, rnd.w_global, self.x_root, self.y_root, self.lr, self.generator)
+        return fltrust(updates, g0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D8. FLDetector
+# ---------------------------------------------------------------------------------------------------------------
+
+def lbfgs_hvp(S, Y, v):
+    """H~ v, the compact L-BFGS approximation of a Hessian-vector product (ALGORITHMS.md D8; FLDetector Alg. 1
+    line "L-BFGS"; Byrd, Nocedal, Schnabel 1994, the direct form B of eq. 2.17).
+
+    S, Y: ``[N, d]``, rows s_k and y_k, oldest first; v: ``[d]``. With S, Y as d x N matrices:
+        sigma = y_N^T s_N / s_N^T s_N;   S^T Y = L + D + R (strictly lower, diagonal, strictly upper)
+        M = [[sigma S^T S, L], [L^T, -D]]
+        H~ v = sigma v - [sigma S, Y] M^{-1} [sigma S^T v; Y^T v]
+    Computed in float64; M^{-1} as a pseudo-inverse (the official code inverts; they agree when M is regular).
+    """
+    S, Y, v = S.double().T, Y.double().T, v.double()
+    SY = S.T @ Y
+    L, D = torch.tril(SY, -1), torch.diag(torch.diag(SY))
+    sigma = (Y[:, -1] @ S[:, -1]) / (S[:, -1] @ S[:, -1])
+    M = torch.cat([torch.cat([sigma * S.T @ S, L], 1), torch.cat([L.T, -D], 1)], 0)
+    p = torch.cat([sigma * (S.T @ v), Y.T @ v])
+    return sigma * v - torch.cat([sigma * S, Y], 1) @ (torch.linalg.pinv(M) @ p)
+
+
+def within_cluster_ss(values, k):
+    """W_k of 1-D k-means (scikit-learn, n_init 10, seeded): the within-cluster sum of squares."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=0).fit(values.reshape(-1, 1)).inertia_
+
+
+def gap_statistic(scores, generator, B=10, K=7):
+    """k^, the number of clusters in ``scores`` by the gap statistic (Tibshirani, Walther, Hastie 2001), as
+    FLDetector's code computes it (``detection1``): scores min-max normalised to [0, 1]; for k = 1..K,
+        Gap(k) = log(mean_b W_k^(b)) - log(W_k),   s_k = sqrt(1 + 1/B) std_b(log W_k^(b)),
+    with W_k^(b) from B reference sets drawn uniformly on [0, 1]^n (``generator``, a numpy Generator);
+    k^ = the smallest k with Gap(k) - Gap(k+1) + s_{k+1} >= 0. Note log(mean) where Tibshirani writes mean(log):
+    the official code's. K is capped below the number of distinct scores (W_k would be 0); fewer than three
+    distinct scores give 1; no k passing the test gives the largest k tried (the official code crashes there).
+    """
+    scores = np.asarray(scores, dtype=float)
+    K = min(K, len(np.unique(scores)) - 1)
+    if K < 2:
+        return 1
+    s = (scores - scores.min()) / (scores.max() - scores.min())
+    refs = generator.uniform(0, 1, (B, len(s)))
+    gap, sd = [], []
+    for k in range(1, K + 1):
+        ref_w = np.log([within_cluster_ss(r, k) for r in refs])
+        gap.append(np.log(np.mean(np.exp(ref_w))) - np.log(within_cluster_ss(s, k)))
+        sd.append(np.sqrt(1 + 1 / B) * np.std(ref_w))
+    for k in range(1, K):
+        if gap[k - 1] - gap[k] + sd[k] >= 0:
+            return k
+    return K
+
+
+def two_means_1d(values):
+    """Exact 2-means of each column of ``values`` ``[n, d]`` (1-D k-means is solved by the best split of the sorted
+    values: Fisher 1958). Returns (upper, gap): ``upper`` bool ``[n, d]`` marks the members of the cluster with
+    the larger centroid, ``gap`` ``[d]`` the distance between the two centroids. n < 2: nobody upper, gap 0.
+    Ties between splits go to the first (smallest) split."""
+    n, d = values.shape
+    if n < 2:
+        return torch.zeros(n, d, dtype=torch.bool, device=values.device), values.new_zeros(d)
+    x = values.double()
+    sorted_x, order = x.sort(0)
+    k = torch.arange(1, n, device=x.device, dtype=x.dtype)[:, None]            # left sizes 1..n-1
+    left_sum, left_sq = sorted_x.cumsum(0)[:-1], sorted_x.square().cumsum(0)[:-1]
+    total, total_sq = sorted_x.sum(0), sorted_x.square().sum(0)
+    sse = (left_sq - left_sum.square() / k) + ((total_sq - left_sq) - (total - left_sum).square() / (n - k))
+    split = sse.argmin(0)                                                      # left cluster = ranks 0..split
+    left_mean = left_sum.gather(0, split[None])[0] / (split + 1)
+    right_mean = (total - left_sum.gather(0, split[None])[0]) / (n - split - 1)
+    rank_upper = torch.arange(n, device=x.device)[:, None] > split[None]
+    upper = torch.empty_like(rank_upper).scatter_(0, order, rank_upper)
+    return upper, (right_mean - left_mean).to(values.dtype)
+
+
+class FLDetector:
+    """FLDetector (ALGORITHMS.md D8). Zhang, Cao, Jia, Gong, "FLDetector: Defending Federated Learning Against
+    Model Poisoning Attacks via Detecting Malicious Clients", KDD 2022, Algorithm 1; FedREDefense App. A.3.
+
+    Each round t (base rule FedAvg, as FedREDefense):
+    1. After ``cold_start`` rounds, predict each client's update from its previous one,
+       hat g_i^t = g_i^{t-1} + H~ (w^{t-1} - w^{t-2})   (``lbfgs_hvp`` on the last ``window`` pairs
+       s_k = w^k - w^{k-1}, y_k = bar g^k - bar g^{k-1}, bar g the aggregate), and its distance
+       d_i^t = ||hat g_i^t - g_i^t||, normalised d^t / sum_i d_i^t over the round's predicted clients.
+    2. Suspicious score s_i = the mean of the client's last ``window`` normalised distances.
+    3. Once every participant has a full window: if ``gap_statistic`` finds k^ > 1 clusters, the scores' 2-means
+       cluster with the larger mean is malicious; those clients are expelled for good and training restarts from
+       the initial model w^0 (FedREDefense App. A.3: "reloading the initial model"; the round budget stays the
+       same), with FLDetector's history cleared so detection starts over after a new cold start.
+    The pairs (s, y) of round t enter the window after the round's prediction, as in the official code.
+
+    Where the sources are silent or differ, the choices made:
+    - updates instead of gradients: FLDetector's clients send one gradient, these clients several SGD steps. The
+      compact formula is homogeneous, so with y and the predictions both in update space the prediction is that
+      of the official code scaled by the update's -lr (exactly, for one SGD step).
+    - a client is predicted only from its own update of the previous round; a client absent then (partial
+      participation, FedREDefense App. B.2: "not compared") gets no distance that round. Under full participation
+      this is the paper's rule.
+    - the restart round's aggregate is w^0 - w^{t-1} (the global model becomes w^0); its ``accepted`` are the
+      clients kept.
+    - gap statistic B = 10, K = 7 (the official code); ``window`` = 10 and ``cold_start`` = 50 at paper scale.
+    - a round in which the global model did not move (s = 0, e.g. every update zero) adds no (s, y) pair, and a
+      prediction that is not finite scores nobody; the official code would divide 0 by 0.
+    """
+
+    expels = True
+
+    def __init__(self, w_init, window=10, cold_start=50, seed=0):
+        self.w_init, self.window, self.cold_start = w_init, window, cold_start
+        self.rng = np.random.default_rng(seed)
+        self.restart()
+
+    def restart(self):
+        self.pairs = collections.deque(maxlen=self.window)   # (s_k, y_k)
+        self.previous = {}                                   # client -> g_i^{t-1}
+        self.distances = {}                                  # client -> its last `window` normalised distances
+        self.last = None                                     # (w^{t-2}, bar g^{t-1}) of the previous round
+        self.age = 0                                         # rounds since the (re)start
+
+    def __call__(self, updates, rnd):
+        n, w = len(updates), rnd.w_global
+        g_bar = fl.fedavg(updates)
+        if self.age > self.cold_start and self.pairs:
+            S, Y = (torch.stack(column) for column in zip(*self.pairs))
+            hvp = lbfgs_hvp(S, Y, w - self.last[0]).to(updates)
+            if torch.isfinite(hvp).all():
+                self.score(updates, rnd.clients, hvp)
+        if self.last is not None and (w != self.last[0]).any():  # s = 0 carries no curvature (sigma = 0/0)
+            self.pairs.append((w - self.last[0], g_bar - self.last[1]))
+        self.last = (w, g_bar)
+        self.previous = {c: u for c, u in zip(rnd.clients, updates)}
+        self.age += 1
+
+        full = n > 1 and all(len(self.distances.get(c, ())) == self.window for c in rnd.clients)
+        scores = [float(np.mean(self.distances[c])) for c in rnd.clients] if full else None
+        if not full or gap_statistic(scores, self.rng) == 1:
+            return fl.Decision(update=g_bar, accepted=torch.ones(n, dtype=torch.bool),
+                               expel=torch.zeros(n, dtype=torch.bool), details={"scores": scores})
+        flagged = two_means_1d(torch.tensor(scores)[:, None])[0][:, 0].cpu()
+        self.restart()
+        return fl.Decision(update=self.w_init.to(w) - w, accepted=~flagged, expel=flagged,
+                           details={"scores": scores, "restart": True})
+
+    def score(self, updates, clients, hvp):
+        known = [i for i, c in enumerate(clients) if c in self.previous]
+        if not known:
+            return
+        predicted = torch.stack([self.previous[clients[i]] for i in known]) + hvp
+        d = torch.linalg.vector_norm(predicted - updates[known], dim=1)
+        d = d / d.sum().clamp_min(1e-12)
+        for i, d_i in zip(known, d.tolist()):
+            self.distances.setdefault(clients[i], collections.deque(maxlen=self.window)).append(d_i)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D9. FLCert
+# ---------------------------------------------------------------------------------------------------------------
+
+def flcert_groups(n_clients, n_groups):
+    """FLCert-D's deterministic partition: client c belongs to group c mod N (the paper hashes the id mod N)."""
+    return [c % n_groups for c in range(n_clients)]
+
+
+class FLCert:
+    """FLCert (ALGORITHMS.md D9). Cao, Zhang, Jia, Gong, "FLCert: Provably Secure Federated Learning Against
+    Poisoning Attacks", IEEE TIFS 2022; FedREDefense App. A.3: "divide the clients into 10 groups and use Median to
+    train a global model in each group; predict by majority vote among all final global models".
+
+    An ensemble: the global model is ``[G, d]``, one row per group. Each round, a participant trains from its
+    group's model (``groups[c]``, read by the round loop), and each group's model moves by the coordinate-wise
+    ``median`` of its participants' updates (a group without participants stays). Prediction is the plurality vote
+    of the G models, ties to the smallest label (``fl.predict`` on a ``[G, d]`` model), so TACC and ASR are the
+    ensemble's. No per-client decision (``accepted`` None), as Median.
+    Choices: FLCert-D (disjoint groups by id mod N) rather than FLCert-P (sampled groups); N = 10 at paper scale.
+    """
+
+    def __init__(self, n_clients, n_groups=10):
+        if not 1 <= n_groups <= n_clients:
+            raise ValueError(f"FLCert needs 1 <= groups <= clients, got {n_groups} groups for {n_clients} clients")
+        self.n_groups, self.groups = n_groups, flcert_groups(n_clients, n_groups)
+
+    def __call__(self, updates, rnd):
+        group = torch.tensor([self.groups[c] for c in rnd.clients], dtype=torch.long)
+        update = torch.zeros(self.n_groups, updates.shape[1], dtype=updates.dtype, device=updates.device)
+        for g in group.unique().tolist():
+            update[g] = median(updates[(group == g).to(updates.device)]).update
+        return fl.Decision(update=update, accepted=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D11. Auror
+# ---------------------------------------------------------------------------------------------------------------
+
+def indicative_features(updates, alpha):
+    """Auror's indicative features: the coordinates j whose 1-D 2-means centroids are more than ``alpha`` apart."""
+    return (two_means_1d(updates)[1] > alpha).nonzero()[:, 0]
+
+
+def auror(updates, features, tau=0.5):
+    """Auror's detection step (ALGORITHMS.md D11). Shen, Tople, Saxena, "Auror: Defending Against Poisoning Attacks
+    in Collaborative Deep Learning Systems", ACSAC 2016.
+
+    For every indicative feature j in ``features``, 2-means splits the clients on Delta_ij; a client is flagged if
+    it lies in the smaller cluster in more than ``tau`` of the indicative features; the others are averaged
+    (FedAvg). A feature whose two clusters are equal in size has no minority and flags nobody. No indicative
+    feature: everyone is accepted. ``tau`` = 0.5 (?verify: from memory of the paper).
+    """
+    n = len(updates)
+    if len(features) == 0 or n < 2:
+        return decided(fl.fedavg(updates), torch.ones(n, dtype=torch.bool), features=len(features))
+    upper = two_means_1d(updates[:, features])[0]
+    n_upper = upper.sum(0)
+    minority = torch.where(n_upper < n - n_upper, upper, ~upper) & (2 * n_upper != n)
+    accepted = ~(minority.double().mean(1) > tau)  # minorities hold < n/2 each, so someone is always accepted
+    return decided(fl.fedavg(updates[accepted]), accepted, features=len(features))
+
+
+class Auror:
+    """Auror as a server (ALGORITHMS.md D11): the indicative features are the output layer's coordinates whose
+    centroids are more than ``alpha`` apart, collected over the first ``warmup`` rounds (the union) and fixed
+    from then on; detection runs every round with the features known so far.
+
+    From memory of the paper, as ALGORITHMS.md D11 (?verify): the two phases, tau = 0.5. Choices from FLPoison
+    (a reimplementation): the output layer, ``warmup`` = 10 rounds at paper scale, alpha dataset-dependent
+    (1e-4 on MNIST to 7e-4 on CIFAR). ``layer`` is the output layer's slice of the flat vector.
+    """
+
+    def __init__(self, layer, alpha, warmup=10):
+        self.layer, self.alpha, self.warmup = layer, alpha, warmup
+        self.features, self.rounds = torch.zeros(0, dtype=torch.long), 0
+
+    def __call__(self, updates, rnd):
+        if self.rounds < self.warmup:
+            found = indicative_features(updates[:, self.layer], self.alpha).cpu() + self.layer.start
+            self.features = torch.unique(torch.cat([self.features, found]))
+        self.rounds += 1
+        return auror(updates, self.features.to(updates.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D12. FoolsGold
+# ---------------------------------------------------------------------------------------------------------------
+
+def foolsgold_weights(histories, eps=1e-5):
+    """FoolsGold's learning rates alpha_i (ALGORITHMS.md D12). Fung, Yoon, Beschastnikh, "The Limitations of
+    Federated Learning in Sybil Settings", RAID 2020, Algorithm 1; steps as the official code
+    (``DistributedML/FoolsGold`` ``model_aggregator.foolsgold``):
+        cs_ij = cos(H_i, H_j), with cs_ii = 0;   v_i = max_j cs_ij + eps
+        pardoning: cs_ij <- cs_ij * v_i / v_j  where v_i < v_j
+        alpha_i = 1 - max_j cs_ij, clipped to [0, 1];   alpha <- alpha / max alpha;   alpha = 1 -> 0.99
+        alpha_i <- ln(alpha_i / (1 - alpha_i) + eps) + 0.5  (the logit, kappa = 1), clipped to [0, 1]
+    ``histories`` ``[n, d]``: each client's H_i. A single client gets 1. Every alpha 0 before the rescaling
+    (e.g. all histories identical): every weight is 0, where the official code divides 0 by 0.
+    Returns ``[n]`` float64 weights.
+    """
+    n = len(histories)
+    if n < 2:
+        return torch.ones(n, dtype=torch.float64)
+    cs = 1 - cosine_distances(histories)
+    cs.fill_diagonal_(0)
+    v = cs.max(1).values + eps
+    cs = torch.where(v[:, None] < v[None, :], cs * v[:, None] / v[None, :], cs)
+    alpha = (1 - cs.max(1).values).clamp(0, 1)
+    if not alpha.max() > 0:
+        return torch.zeros(n, dtype=torch.float64)
+    alpha = alpha / alpha.max()
+    alpha[alpha == 1] = 0.99
+    alpha = torch.log(alpha / (1 - alpha) + eps) + 0.5
+    return torch.nan_to_num(alpha, posinf=1.0).clamp(0, 1)
+
+
+class FoolsGold:
+    """FoolsGold as a server (ALGORITHMS.md D12): H_i <- H_i + Delta_i, the sum of every update client i has sent
+    (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation; the ML code
+    sums). Similarity on the whole update (the ML code; deep-fg uses the output layer only). No importance
+    weighting, no pre-clipping. ``accepted``: alpha_i > 0."""
+
+    def __init__(self):
+        self.history = {}
+
+    def __call__(self, updates, rnd):
+        for c, u in zip(rnd.clients, updates):
+            self.history[c] = self.history.get(c, 0) + u
+        if len(updates) == 0:
+            return decided(zero_update(updates), [])
+        alpha = foolsgold_weights(torch.stack([self.history[c] for c in rnd.clients])).to(updates)
+        return decided(alpha @ updates / len(updates), alpha > 0, weights=alpha.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D13. FedDMC
+# ---------------------------------------------------------------------------------------------------------------
+
+def principal_components(points, dims=10):
+    """The first ``dims`` principal-component coordinates of the rows of ``points`` (exact SVD of the centred
+    matrix; FedDMC's code uses scikit-learn's randomized solver, an approximation of the same)."""
+    x = points.double() - points.double().mean(0)
+    U, s, _ = torch.linalg.svd(x, full_matrices=False)
+    k = min(dims, len(s))
+    return U[:, :k] * s[:k]
+
+
+def btbcn(points, min_cluster_size=3):
+    """FedDMC's binary-tree-based clustering with noise removal, BTBCN (ALGORITHMS.md D13; official code
+    ``utils.Removing_outliers``). Returns a bool ``[n]`` mask of the clients flagged (malicious or noise).
+
+    Ward agglomerative clustering gives a binary merge tree. From the root, while a child holds <= min_cluster_size
+    leaves: that small child's leaves are noise and the walk goes into the other child (if both are small,
+    everything left is noise); stop once more than n // 2 leaves are noise. At the node reached, if one child
+    holds more than n // 2 of the n clients, the larger child is benign and the smaller one malicious; otherwise
+    every leaf under the node is benign. Fewer than two points: nobody is flagged.
+    The official code differs at one boundary, which is not followed: when the right child has exactly
+    min_cluster_size leaves, its ``>=`` test marks the *left* child as noise whatever its size, so a 9-client
+    majority beside a 3-client branch is discarded; the paper's rule (the small child is the noise) is used.
+    """
+    from scipy.cluster.hierarchy import linkage, to_tree
+
+    n = len(points)
+    if n < 2:
+        return torch.zeros(n, dtype=torch.bool)
+    node = to_tree(linkage(points.cpu().numpy(), method="ward"))
+    small = lambda child: child.count <= min_cluster_size
+    noise = []
+    while small(node.left) or small(node.right):
+        if small(node.left) and small(node.right):
+            noise += node.pre_order()
+            node = None
+            break
+        noise += (node.left if small(node.left) else node.right).pre_order()
+        node = node.right if small(node.left) else node.left
+        if len(noise) > n // 2:
+            break
+    benign = []
+    if node is not None:
+        large = max(node.left, node.right, key=lambda child: child.count)
+        benign = large.pre_order() if large.count > n // 2 else node.pre_order()
+    flagged = torch.ones(n, dtype=torch.bool)
+    flagged[benign] = False
+    return flagged
+
+
+class FedDMC:
+    """FedDMC (ALGORITHMS.md D13). Mu et al., "FedDMC: Efficient and Robust Federated Learning via Detecting
+    Malicious Clients", IEEE TDSC 2024; the official code's ``pca_agglomer_a`` branch.
+
+    Each round: the local models w^{t-1} + Delta_i are projected on their first ``pca_dims`` = 10 principal
+    components (``principal_components``; the projection of the local models equals that of the updates, PCA
+    centres the data); ``btbcn`` flags clients; the self-ensemble correction keeps each client's last 10 flags and
+    flags it iff flagged in more than half of them (``window_majority``: the code's rule; the paper describes an
+    exponential moving average whose coefficient could not be recovered). The unflagged updates are averaged;
+    if every client is flagged, all are (the code's fallback). The code's CIFAR subsampling of coordinates (every
+    other one) is not done: PCA on all of them is exact and affordable here.
+    """
+
+    def __init__(self, pca_dims=10, min_cluster_size=3, window=10):
+        self.pca_dims, self.min_cluster_size, self.window = pca_dims, min_cluster_size, window
+        self.history = {}
+
+    def __call__(self, updates, rnd):
+        round_flags = btbcn(principal_components(updates, self.pca_dims), self.min_cluster_size)
+        flagged = torch.tensor([window_majority(self.history, c, f, self.window)
+                                for c, f in zip(rnd.clients, round_flags.tolist())], dtype=torch.bool)
+        accepted = ~flagged if (~flagged).any() else torch.ones(len(updates), dtype=torch.bool)
+        return decided(fl.fedavg(updates[accepted.to(updates.device)]), accepted,
+                       flagged_this_round=round_flags.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D14. FedCPA
+# ---------------------------------------------------------------------------------------------------------------
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D tensors; 0 where it is undefined (fewer than 2 values, or a constant one)."""
+    if len(a) < 2:
+        return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    denominator = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return (a @ b / denominator).item() if denominator > 0 else 0.0
+
+
+def critical_similarity(I_a, top_a, bottom_a, I_b, top_b, bottom_b):
+    """FedCPA's similarity of two importance vectors (ALGORITHMS.md D14, step 4), in [0, 2]:
+        rho_T = (Pearson(I_a[T_a & T_b], I_b[T_a & T_b]) + 1) / 2,  J_T = |T_a & T_b| / |T_a | T_b|
+        (rho_L, J_L likewise on the bottom sets);  sim = (rho_T + rho_L) / 2 + (J_T + J_L) / 2.
+    ``top``/``bottom``: bool masks of the top / bottom sets."""
+    sim = 0.0
+    for a, b in ((top_a, top_b), (bottom_a, bottom_b)):
+        both = a & b
+        rho = (pearson(I_a[both], I_b[both]) + 1) / 2
+        jaccard = both.sum().item() / max(1, (a | b).sum().item())
+        sim += (rho + jaccard) / 2
+    return sim
+
+
+def fedcpa_weights(I_local, I_global, share=0.01):
+    """FedCPA's weights wv_i (ALGORITHMS.md D14). Han et al., "Towards Attack-tolerant Federated Learning via
+    Critical Parameter Analysis", ICCV 2023; steps as the official code (``Sungwon-Han/FEDCPA``,
+    ``defense_utils.global_aggregation`` 'cpa' and ``get_foolsgold_score``).
+
+    I_local ``[n, d']``: the clients' importances |(w_i - w^{t-1}) * w_i|; I_global ``[d']``:
+    |(w^{t-1} - w^{t-2}) * w^{t-1}|. T, L: the top and bottom ``share`` = 1% of the d' coordinates by importance.
+        score_i = mean_j sim(i, j) + sim(i, G)     (``critical_similarity``; sim(i, i) = 1, the code's diagonal)
+        wv = min-max normalised score; 1 -> 0.99, 0 -> 0.01;  wv <- ln(wv / (1 - wv)) + 0.5, clipped to [0, 1]
+    A Pearson correlation on fewer than two common coordinates or constant values counts as 0 (the code returns
+    NaN there). All scores equal: every weight is 1 (the code divides 0 by 0). Returns ``[n]`` float64 weights.
+    """
+    n, d = I_local.shape
+    k = max(1, int(d * share))
+
+    def sets(I):
+        top, bottom = torch.zeros_like(I, dtype=torch.bool), torch.zeros_like(I, dtype=torch.bool)
+        top.scatter_(-1, I.topk(k, dim=-1).indices, True)
+        bottom.scatter_(-1, I.topk(k, dim=-1, largest=False).indices, True)
+        return top, bottom
+
+    (top, bottom), (top_g, bottom_g) = sets(I_local), sets(I_global)
+    pairwise = torch.eye(n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i):
+            pairwise[i, j] = pairwise[j, i] = critical_similarity(I_local[i], top[i], bottom[i],
+                                                                  I_local[j], top[j], bottom[j])
+    to_global = torch.tensor([critical_similarity(I_local[i], top[i], bottom[i], I_global, top_g, bottom_g)
+                              for i in range(n)], dtype=torch.float64)
+    score = pairwise.mean(1) + to_global
+    if not score.max() > score.min():
+        return torch.ones(n, dtype=torch.float64)
+    wv = (score - score.min()) / (score.max() - score.min())
+    wv[wv == 1], wv[wv == 0] = 0.99, 0.01
+    return (torch.log(wv / (1 - wv)) + 0.5).clamp(0, 1)
+
+
+class FedCPA:
+    """FedCPA as a server (ALGORITHMS.md D14). Importance on the weight tensors of 2 or 4 dimensions only (linear
+    and convolution weights; ``weights`` lists their slices of the flat vector); the server remembers w^{t-2}.
+    Aggregate: (1/|S|) sum_{i in S} wv_i Delta_i over S = {i : wv_i > 0} (the code averages
+    w^{t-1} + wv_i Delta_i over S). Round 0, as the code: w^{t-1} is replaced by the plain FedAvg of the round's
+    local models and w^{t-2} by the initial model (so I_G = |(bar w - w^0) * bar w|).
+    """
+
+    def __init__(self, weights, share=0.01):
+        self.weights, self.share, self.previous = weights, share, None
+
+    def importance(self, delta, w):
+        return torch.cat([(delta[..., s] * w[..., s]).abs() for s in self.weights], -1)
+
+    def __call__(self, updates, rnd):
+        w = rnd.w_global
+        if len(updates) == 0:
+            return decided(zero_update(updates), [])
+        if self.previous is None:  # round 0: the code's stand-ins for w^{t-1} and w^{t-2}
+            w_prev, w_prev2 = w + fl.fedavg(updates), w
+        else:
+            w_prev, w_prev2 = w, self.previous
+        self.previous = w
+        wv = fedcpa_weights(self.importance(updates, w + updates), self.importance(w_prev - w_prev2, w_prev),
+                            self.share).to(updates)
+        kept = wv > 0
+        return decided(wv[kept] @ updates[kept] / kept.sum(), kept, weights=wv.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D15. FreqFed
+# ---------------------------------------------------------------------------------------------------------------
+
+def dct2(matrix):
+    """Orthonormal 2-D DCT-II of a ``[H, W]`` matrix (rows, then columns), as float64 numpy."""
+    from scipy.fft import dctn
+
+    return dctn(np.asarray(matrix, dtype=np.float64), type=2, norm="ortho")
+
+
+def low_frequency_mask(H, W):
+    """FreqFed's low-frequency region of an H x W DCT: V_ab with a < H/2, b < W/2 and a + b <= floor((H + W)/4),
+    the top-left triangle (?verify: ALGORITHMS.md D15's reading of the paper's figure). Bool ``[H, W]``."""
+    a, b = np.arange(H)[:, None], np.arange(W)[None, :]
+    return (a < H / 2) & (b < W / 2) & (a + b <= (H + W) // 4)
+
+
+def freqfed(updates, shape, layer):
+    """FreqFed (ALGORITHMS.md D15; FedDefuse calls it "FedFreq"). Fereidooni et al., "FreqFed: A Frequency
+    Analysis-Based Approach for Mitigating Poisoning Attacks in Federated Learning", NDSS 2024.
+
+    1. Each client's output-layer weight update (``updates[:, layer]`` reshaped to ``shape`` = (out, in)) goes
+       through an orthonormal 2-D DCT-II; its low-frequency entries (``low_frequency_mask``) form F_i.
+    2. c_ij = 1 - cos(F_i, F_j); HDBSCAN (min_cluster_size 2, min_samples 1); the largest cluster is admitted
+       (ties: the lowest label), and its updates averaged (FedAvg). No cluster at all: everyone is admitted.
+    No official code exists; which tensor, the mask and HDBSCAN's parameters follow ALGORITHMS.md D15's choices
+    (the output layer's update; secretflow's reimplementation uses the local weights).
+    """
+    n = len(updates)
+    mask = low_frequency_mask(*shape)
+    F = torch.tensor(np.stack([dct2(u.reshape(shape).cpu().numpy())[mask] for u in updates[:, layer]])
+                     if n else np.zeros((0, mask.sum())))
+    labels = hdbscan_labels(cosine_distances(F), 2, allow_single_cluster=False)
+    clusters = labels[labels >= 0]
+    admitted = (labels == np.bincount(clusters).argmax()) if len(clusters) else np.ones(n, dtype=bool)
+    admitted = torch.as_tensor(admitted)
+    return decided(fl.fedavg(updates[admitted.to(updates.device)]), admitted, cluster=bool(len(clusters)))
+
+
+class FreqFed:
+    """FreqFed with the defense interface: ``layer`` and ``shape`` locate the output layer's weight matrix."""
+
+    def __init__(self, layer, shape):
+        self.layer, self.shape = layer, shape
+
+    def __call__(self, updates, rnd):
+        return freqfed(updates, self.shape, self.layer)

@@ -100,6 +100,15 @@ def param_sizes(model):
     return [p.numel() for p in model.parameters()]
 
 
+def param_slices(model):
+    """``[(name, slice, shape)]``: where each parameter tensor lives in the flat vector, in order."""
+    out, start = [], 0
+    for name, p in model.named_parameters():
+        out.append((name, slice(start, start + p.numel()), tuple(p.shape)))
+        start += p.numel()
+    return out
+
+
 def functional_forward(model, w, x):
     """``model(x)`` evaluated at the flat parameters ``w``, differentiably in ``w``.
 
@@ -148,7 +157,7 @@ class Round:
     """What the server legitimately knows in round t, besides the updates themselves."""
     t: int                  # round index, from 0
     clients: list           # ids of the round's participants, row order of the updates
-    w_global: torch.Tensor  # w^{t-1}, the model the participants started from
+    w_global: torch.Tensor  # w^{t-1}, the model the participants started from ([G, d]: an ensemble, FLCert)
     sizes: torch.Tensor     # |D_i| of each participant (FedDefuse eq. 11 weights)
     malicious: torch.Tensor  # ground truth (attacking this round); read by the `oracle` defense only
 
@@ -195,8 +204,19 @@ def finite_rows(updates):
 
 @torch.no_grad()
 def predict(model, w, x, batch_size=2048):
+    """The class the global model ``w`` ``[d]`` predicts for each row of ``x``; for an ensemble ``w`` ``[G, d]``
+    (FLCert: one global model per group of clients), the plurality vote of its G models."""
+    if w.dim() == 2:
+        return plurality_vote(torch.stack([predict(model, w_g, x, batch_size) for w_g in w]))
     load_params(model, w)
     return torch.cat([model(xb).argmax(1) for xb in x.split(batch_size)])
+
+
+def plurality_vote(predictions):
+    """The most frequent label of each column of ``predictions`` ``[G, m]``; ties go to the smallest label
+    (FLCert's rule: ``argmax`` returns the first maximum of the vote counts)."""
+    votes = F.one_hot(predictions, int(predictions.max()) + 1).sum(0)
+    return votes.argmax(1)
 
 
 def accuracy(model, w, x, y):

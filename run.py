@@ -30,7 +30,7 @@ import fedredefense
 import feddefuse
 import fl
 
-DEFENSES = ("fedavg", "oracle") + baselines.ROBUST + ("fedredefense", "feddefuse")
+DEFENSES = ("fedavg", "oracle") + baselines.ROBUST + baselines.DETECTION + ("fedredefense", "feddefuse")
 PATTERNS = ("I", "II", "III")
 SAMPLING = ("uniform", "capped", "attackers-first")
 KNOWLEDGE = ("partial", "full")
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--norm-bound", default="median",
                    help="normbound's M: median (the round's median update norm), oracle (FedREDefense's: mean norm "
                         "of the truly benign updates) or a number (default: median)")
+    p.add_argument("--root-size", type=int, default=100,
+                   help="fltrust: examples in the server's root set, drawn from the training data (default: 100, "
+                        "FLTrust's; FedREDefense uses 500)")
     p.add_argument("--rounds", type=int, help="communication rounds (default: 40 for digits, 500 otherwise)")
     p.add_argument("--beta", type=float, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
     p.add_argument("--participation", type=float, default=1.0,
@@ -123,6 +126,7 @@ def parse_args(argv=None):
         (0 <= args.malicious < args.clients, "--malicious", f"an integer in [0, {args.clients - 1}]",
          args.malicious),
         (args.rounds >= 1, "--rounds", "an integer >= 1", args.rounds),
+        (args.root_size >= 1, "--root-size", "an integer >= 1", args.root_size),
         (args.assumed_malicious >= 0, "--assumed-malicious", "an integer >= 0", args.assumed_malicious),
         (args.norm_bound in ("median", "oracle") or is_number(args.norm_bound, at_least=0), "--norm-bound",
          "median, oracle or a number >= 0", args.norm_bound),
@@ -266,9 +270,13 @@ def final_metrics(rounds, n_clients, malicious, expelled, expels, tacc, asr):
 # The run
 # -----------------------------------------------------------------------------------------------------------------
 
-def make_defense(args, model, ds, device):
+def make_defense(args, model, ds, x_train, y_train, w_init, device):
+    """The server's defense, built with what it legitimately knows (its constructor is the only way in)."""
     shape, classes = tuple(ds.x_train.shape[1:]), ds.num_classes
     generator = torch.Generator().manual_seed(args.seed)
+    hp = baselines.DETECTION_HYPER.get(args.dataset)
+    layers = fl.param_slices(model)
+    _, out_weight, out_shape = layers[-2]  # the output layer's weight matrix (out, in); its bias is layers[-1]
     if args.defense == "fedredefense":
         return fedredefense.FedREDefense(model, shape, classes, fedredefense.HYPER[args.dataset], generator,
                                          device)
@@ -278,7 +286,29 @@ def make_defense(args, model, ds, device):
     if args.defense in baselines.ROBUST:
         norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
         return baselines.RobustDefense(args.defense, args.assumed_malicious, norm_bound)
+    detection = {
+        "flame": lambda: baselines.FLAME(args.seed),
+        "fltrust": lambda: baselines.FLTrust(model, x_train, y_train, fl.LOCAL_LR[args.dataset], args.root_size,
+                                             args.seed),
+        "fldetector": lambda: baselines.FLDetector(w_init, hp["fldetector_window"], hp["fldetector_cold_start"],
+                                                   args.seed),
+        "flcert": lambda: baselines.FLCert(args.clients, min(hp["flcert_groups"], args.clients)),
+        "auror": lambda: baselines.Auror(slice(out_weight.start, layers[-1][1].stop), hp["auror_alpha"],
+                                         hp["auror_warmup"]),
+        "foolsgold": baselines.FoolsGold,
+        "feddmc": baselines.FedDMC,
+        "fedcpa": lambda: baselines.FedCPA([where for _, where, size in layers if len(size) in (2, 4)]),
+        "freqfed": lambda: baselines.FreqFed(out_weight, out_shape),
+    }
+    if args.defense in detection:
+        return detection[args.defense]()
     return getattr(baselines, args.defense)
+
+
+def starting_models(w, groups, clients):
+    """The model each of ``clients`` trains from: the global model, or for an ensemble (a defense with
+    ``groups``, FLCert) the row of its client's group; ``[d]`` or ``[len(clients), d]``."""
+    return w if groups is None else w[[groups[c] for c in clients]]
 
 
 def run(args):
@@ -295,7 +325,10 @@ def run(args):
     lr = fl.LOCAL_LR[args.dataset]
     pixels = data.trigger_pixels(ds.x_train.shape[2])
     add_trigger = lambda x: data.add_trigger(x, pixels)
-    defense = make_defense(args, model, ds, device)
+    defense = make_defense(args, model, ds, x_train, y_train, w_init, device)
+    groups = getattr(defense, "groups", None)  # an ensemble (FLCert): one global model per group of clients
+    if groups is not None:
+        w = w_init.repeat(defense.n_groups, 1)
     rng = torch.Generator().manual_seed(args.seed)  # sampling and attack schedule
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
     expelled, rounds, start = set(), [], time.time()
@@ -313,13 +346,14 @@ def run(args):
         updates = []
         for c, attacks_now in zip(clients, attacking.tolist()):
             x, y, g = x_train[parts[c]], y_train[parts[c]], generator_for(args.seed, t, c)
+            w_c = starting_models(w, groups, [c]).reshape(-1)
             if attacks_now and args.attack in attacks.BACKDOOR:
                 trigger = pixels if args.attack == "scaling" else [pixels[c % 4]]  # DBA: pattern = id mod 4
-                updates.append(attacks.backdoor_update(model, w, x, y, data.add_trigger(x, trigger),
+                updates.append(attacks.backdoor_update(model, w_c, x, y, data.add_trigger(x, trigger),
                                                        BACKDOOR_TARGET, lr, g))
             else:
-                updates.append(fl.local_update(model, w, x, y, lr, g))
-        updates = torch.stack(updates) if updates else w.new_zeros(0, len(w))
+                updates.append(fl.local_update(model, w_c, x, y, lr, g))
+        updates = torch.stack(updates) if updates else w_init.new_zeros(0, len(w_init))
 
         # Reject non-finite updates before any attack statistic or defense sees them.
         finite = fl.finite_rows(updates).cpu()
@@ -330,8 +364,10 @@ def run(args):
         # Crafted attacks: the attacking clients collude on the genuine updates they know (--knowledge).
         if args.attack in attacks.CRAFTED and attacking.any():
             known = updates[is_malicious.to(device)] if args.knowledge == "partial" else updates
+            attackers = [c for c, a in zip(clients, attacking.tolist()) if a]
             updates[attacking.to(device)] = attacks.craft(
-                args.attack, updates[attacking.to(device)], known, n_participants=len(clients), w_global=w,
+                args.attack, updates[attacking.to(device)], known, n_participants=len(clients),
+                w_global=starting_models(w, groups, attackers),
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
                 signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)))
 

@@ -35,6 +35,7 @@ TINY = ["--clients", "6", "--malicious", "2", "--rounds", "2"]
     (["--knowledge", "none"], "--knowledge"),
     (["--model", "resnet"], "--model"),
     (["--signflip-k", "-2"], "--signflip-k"),
+    (["--root-size", "0"], "--root-size"),
     (["--pattern", "IV"], "--pattern"),
     (["--rounds", "two"], "--rounds"),
     (["--attack", "lie", "--malicious", "15", "--participants", "10"], "--attack"),
@@ -207,27 +208,74 @@ def test_a_round_with_every_client_expelled_keeps_the_model(monkeypatch, tmp_pat
     assert results["final"]["dacc"] == 2 / 6 and results["final"]["fpr"] == 1.0 and results["final"]["fnr"] == 0.0
 
 
-@pytest.mark.parametrize("defense", run.baselines.ROBUST)
-def test_every_robust_rule_survives_every_attack_with_a_finite_model(defense, monkeypatch, tmp_path):
-    """Two rounds of each rule against each attack: no exception, every aggregate finite (TACC is then computed
-    from a finite model), and Krum/Multi-Krum report the updates they selected."""
+class Spy:
+    """A defense that records, every round, whether its aggregate was finite and what it accepted; the wrapped
+    defense's attributes (``expels``, FLCert's ``groups``) stay visible to the round loop."""
+
+    def __init__(self, defense, log):
+        self.defense, self.log = defense, log
+
+    def __getattr__(self, name):
+        return getattr(self.defense, name)
+
+    def __call__(self, updates, rnd):
+        decision = self.defense(updates, rnd)
+        self.log.append((torch.isfinite(decision.update).all().item(), decision.accepted))
+        return decision
+
+
+@pytest.mark.parametrize("defense", run.baselines.ROBUST + run.baselines.DETECTION)
+def test_every_baseline_survives_every_attack_with_a_finite_model(defense, monkeypatch, tmp_path):
+    """Three rounds of each baseline against each attack: no exception, every aggregate finite (TACC is then
+    computed from a finite model), and the rules that select or filter report whom they accepted. FLDetector's
+    window and cold start are shrunk so that its detection and restart run within the three rounds."""
+    monkeypatch.setitem(run.baselines.DETECTION_HYPER, "digits", {
+        "fldetector_window": 1, "fldetector_cold_start": 0, "flcert_groups": 3, "auror_warmup": 1,
+        "auror_alpha": 0.01})
     make, aggregates = run.make_defense, []
-    def spying_make(*a):
-        rule = make(*a)
-        def spy(updates, rnd):
-            decision = rule(updates, rnd)
-            aggregates.append((torch.isfinite(decision.update).all().item(), decision.accepted))
-            return decision
-        return spy
-    monkeypatch.setattr(run, "make_defense", spying_make)
+    monkeypatch.setattr(run, "make_defense", lambda *a: Spy(make(*a), aggregates))
     for attack in run.attacks.ATTACKS:
         aggregates.clear()
-        run.run(run.parse_args(TINY + ["--defense", defense, "--attack", attack, "--out", str(tmp_path)]))
-        assert len(aggregates) == 2 and all(finite for finite, _ in aggregates)
-        selects = defense in ("krum", "multikrum")
-        assert all((accepted is not None) == selects for _, accepted in aggregates)
+        results = run.run(run.parse_args(TINY + ["--rounds", "3", "--defense", defense, "--attack", attack,
+                                                 "--out", str(tmp_path)]))
+        assert len(aggregates) == 3 and all(finite for finite, _ in aggregates)
+        decides = defense in ("krum", "multikrum") + run.baselines.DETECTION and defense != "flcert"
+        assert all((accepted is not None) == decides for _, accepted in aggregates)
         if defense == "krum":
             assert all(int(accepted.sum()) == 1 for _, accepted in aggregates)
+
+
+def test_flcert_clients_train_from_their_groups_model_and_tacc_is_the_groups_vote(monkeypatch, tmp_path):
+    """FLCert's ensemble in the round loop: a client starts from its group's row (c mod G), and the TACC printed
+    is the plurality vote of the G final models (the mode of their predictions, ties to the smaller label)."""
+    monkeypatch.setitem(run.baselines.DETECTION_HYPER, "digits", {**run.baselines.DETECTION_HYPER["digits"],
+                                                                  "flcert_groups": 3})
+    starts, rounds = [], []
+    real_update = run.fl.local_update
+    def local_update(model, w, *rest):
+        starts.append(w.clone())
+        return real_update(model, w, *rest)
+    class Recorder(Spy):
+        def __call__(self, updates, rnd):
+            decision = self.defense(updates, rnd)
+            rounds.append((rnd.clients, rnd.w_global.clone(), decision.update.clone()))
+            return decision
+    make = run.make_defense
+    monkeypatch.setattr(run.fl, "local_update", local_update)
+    monkeypatch.setattr(run, "make_defense", lambda *a: Recorder(make(*a), []))
+    results = run.run(run.parse_args(TINY + ["--defense", "flcert", "--attack", "none", "--out", str(tmp_path)]))
+
+    clients, w_stack, update = rounds[1]
+    assert w_stack.shape[0] == 3 and not torch.equal(w_stack[0], w_stack[1])
+    for c, w in zip(clients, starts[len(rounds[0][0]):]):
+        assert torch.equal(w, w_stack[c % 3])
+    final = w_stack + update
+    ds = run.data.load_dataset("digits")
+    model = fl.CNN(1, 8, 10)
+    votes = torch.stack([fl.predict(model, w, ds.x_test) for w in final]).T.tolist()
+    mode = lambda v: min(set(v), key=lambda label: (-v.count(label), label))
+    vote_accuracy = sum(mode(v) == y for v, y in zip(votes, ds.y_test.tolist())) / len(votes)
+    assert results["rounds"][-1]["tacc"] == pytest.approx(vote_accuracy)
 
 
 def test_a_rule_whose_precondition_fails_falls_back_and_says_so_once():
