@@ -322,6 +322,20 @@ def test_craft_shape_finite_and_deterministic(name):
         assert torch.equal(attacks.craft(name, honest, honest, generator=gen(), signflip_k=4.0, **kw), -4 * honest)
 
 
+def test_lie_in_a_round_of_attackers_only_sends_the_centre_of_what_they_know():
+    """A defense that expels benign clients can leave a round of attackers only; LIE's z_max is then undefined
+    (lie_z raises) and every attacker sends the coordinate-wise mean of the known updates (z = 0)."""
+    honest, kw = craft_inputs(q=4)
+    with pytest.raises(ValueError):
+        attacks.lie_z(4, 4)
+    out = attacks.craft("lie", honest, honest, generator=gen(), **{**kw, "n_participants": 4})
+    assert torch.allclose(out, honest.mean(0).expand(4, -1))
+    # a minority still uses z_max: the rows move away from the mean by z * sigma
+    out = attacks.craft("lie", honest, honest, generator=gen(), **kw)
+    z = attacks.lie_z(20, 4)
+    assert torch.allclose(out[0], honest.mean(0) - z * honest.std(0, unbiased=False), atol=1e-7)
+
+
 def test_craft_takes_its_statistics_from_the_known_set_and_its_own_rows_from_honest():
     """Knowledge: Fang's mu and sigma come from ``known`` (e.g. every participant's genuine update, full
     knowledge), not from the attackers' own rows; sign-flip transforms the attackers' own rows only."""
