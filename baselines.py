@@ -642,7 +642,9 @@ class FLDetector:
     3. Once every participant has a full window: if ``gap_statistic`` finds k^ > 1 clusters, the scores' 2-means
        cluster with the larger mean is malicious; those clients are expelled for good and training restarts from
        the initial model w^0 (FedREDefense App. A.3: "reloading the initial model"; the round budget stays the
-       same), with FLDetector's history cleared so detection starts over after a new cold start.
+       same). FLDetector's Algorithm 1 ends at its detection, so the remaining rounds are plain FedAvg over the
+       clients kept; detecting again would restart again, and in digits' 40 rounds a second restart (on benign
+       clients only, a false alarm of the gap statistic) left 13 rounds to train.
     The pairs (s, y) of round t enter the window after the round's prediction, as in the official code.
 
     Where the sources are silent or differ, the choices made:
@@ -664,18 +666,22 @@ class FLDetector:
     def __init__(self, w_init, window=10, cold_start=50, seed=0):
         self.w_init, self.window, self.cold_start = w_init, window, cold_start
         self.rng = np.random.default_rng(seed)
-        self.restart()
+        self.detected = False
+        self.forget()
 
-    def restart(self):
+    def forget(self):
         self.pairs = collections.deque(maxlen=self.window)   # (s_k, y_k)
         self.previous = {}                                   # client -> g_i^{t-1}
         self.distances = {}                                  # client -> its last `window` normalised distances
         self.last = None                                     # (w^{t-2}, bar g^{t-1}) of the previous round
-        self.age = 0                                         # rounds since the (re)start
+        self.age = 0                                         # rounds so far
 
     def __call__(self, updates, rnd):
         n, w = len(updates), rnd.w_global
         g_bar = fl.fedavg(updates)
+        if self.detected:
+            return fl.Decision(update=g_bar, accepted=torch.ones(n, dtype=torch.bool),
+                               expel=torch.zeros(n, dtype=torch.bool))
         if self.age > self.cold_start and self.pairs:
             S, Y = (torch.stack(column) for column in zip(*self.pairs))
             hvp = lbfgs_hvp(S, Y, w - self.last[0]).to(updates)
@@ -693,7 +699,8 @@ class FLDetector:
             return fl.Decision(update=g_bar, accepted=torch.ones(n, dtype=torch.bool),
                                expel=torch.zeros(n, dtype=torch.bool), details={"scores": scores})
         flagged = two_means_1d(torch.tensor(scores)[:, None])[0][:, 0].cpu()
-        self.restart()
+        self.detected = True
+        self.forget()
         return fl.Decision(update=self.w_init.to(w) - w, accepted=~flagged, expel=flagged,
                            details={"scores": scores, "restart": True})
 

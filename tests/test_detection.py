@@ -374,14 +374,14 @@ def fldetector_rounds(n=10, d=20, bad=(2, 5, 7), rounds=8, window=3, cold_start=
         if decision.expel.any():
             break
         w_prev, w = w, w + decision.update
-    return decisions, malicious, w_init
+    return decisions, malicious, w_init, detector
 
 
 def test_fldetector_expels_inconsistent_clients_and_restarts():
     """After cold start + window the off-trajectory clients are expelled and w reset to w_init (D8 tests 2, 4)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn: fewer distinct scores than clusters tried
-        decisions, malicious, w_init = fldetector_rounds(window=3, cold_start=2)
+        decisions, malicious, w_init, detector = fldetector_rounds(window=3, cold_start=2)
     assert len(decisions) == 2 + 3 + 1  # rounds 0..5: detection in round cold_start + window
     for updates, _, decision in decisions[:-1]:
         assert not decision.expel.any() and decision.accepted.all()
@@ -394,6 +394,13 @@ def test_fldetector_expels_inconsistent_clients_and_restarts():
     assert scores.sum() == pytest.approx(1.0)
     # The L-BFGS prediction tracks the benign trajectory: here ~5e-5 against ~0.3 (without H~ v it is ~4e-3).
     assert scores[~malicious.numpy()].max() < 1e-3 * scores[malicious.numpy()].min()
+    # Its Algorithm 1 ends at the detection: every later round is plain FedAvg over the clients kept.
+    kept = [c for c in range(10) if not malicious[c]]
+    for t in range(6, 20):
+        U = randn(len(kept), 20, seed=t) * (1 + 100 * (t % 2))
+        later = detector(U, fl.Round(t, kept, w_init, torch.ones(len(kept)), torch.zeros(len(kept), dtype=torch.bool)))
+        assert not later.expel.any() and later.accepted.all()
+        torch.testing.assert_close(later.update, U.mean(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
