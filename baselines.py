@@ -1,17 +1,22 @@
-"""Baseline aggregation rules: FedAvg, the oracle, and the robust aggregators the two papers compare against.
+"""Baseline defenses: FedAvg, the oracle, the robust aggregators and the detection rules the two papers compare
+against.
 
 Specification: ``reference/ALGORITHMS.md`` D1 (FedAvg), D2 (Krum, Multi-Krum), D3 (Median), D4 (Trimmed mean),
-D5 (Norm bound), D10 (RFA); ``reference/fedredefense-official-code.md`` sec. 4 (what the FedREDefense code runs).
+D5 (Norm bound), D10 (RFA); D6-D9 and D11-D15 (FLAME, FLTrust, FLDetector, FLCert, Auror, FoolsGold, FedDMC,
+FedCPA, FreqFed); ``reference/fedredefense-official-code.md`` sec. 4 (what the FedREDefense code runs).
 
 Two shapes of function live here:
 - **Pure rules** ``rule(updates, **hp) -> fl.Decision`` (``krum``, ``multikrum``, ``median``, ``trmean``,
-  ``normbound``, ``rfa``): ``updates`` is a plain ``[n, d]`` tensor of the round's updates, every hyper-parameter
-  (f, b, M, ...) is a keyword argument, and nothing else about the round is read. ``Decision.accepted`` is a bool
-  ``[n]`` CPU tensor for rules that select updates (Krum, Multi-Krum) and ``None`` for rules that make no
-  per-client decision (Median, Trimmed mean, Norm bound, RFA). A failed precondition raises ValueError.
+  ``normbound``, ``rfa``, ``flame``, ``fltrust``, ``auror``, ``freqfed``, and the scores of the others):
+  ``updates`` is a plain ``[n, d]`` tensor of the round's updates, every hyper-parameter (f, b, M, ...) is a
+  keyword argument, and nothing else about the round is read beyond what the rule legitimately uses (the global
+  model, a server update). ``Decision.accepted`` is a bool ``[n]`` CPU tensor for rules that select or filter
+  updates and ``None`` for rules that make no per-client decision (Median, Trimmed mean, Norm bound, RFA,
+  FLCert). A failed precondition raises ValueError.
 - **The server-side defense interface** ``defense(updates, rnd) -> fl.Decision`` (``fedavg``, ``oracle``): what the
   round loop in ``run.py`` calls every round, with ``rnd`` a ``fl.Round`` (what the server knows in this round).
-  ``RobustDefense`` (at the end) wraps a pure rule into it, with the hyper-parameters a server can know.
+  ``RobustDefense`` wraps a robust rule into it, with the hyper-parameters a server can know; each detection rule
+  that keeps state across rounds (histories, FLDetector's window, FLTrust's root set) is a small class with it.
 
 Conventions: updates are ``g_i = w_i - w^{t-1}`` (``fl.py``); every rule returns an update in the input's dtype and
 on its device. The FedREDefense code aggregates *models* for Median, Trimmed mean and Krum; on updates that is the
@@ -585,7 +590,8 @@ def gap_statistic(scores, generator, B=10, K=7):
     """k^, the number of clusters in ``scores`` by the gap statistic (Tibshirani, Walther, Hastie 2001), as
     FLDetector's code computes it (``detection1``): scores min-max normalised to [0, 1]; for k = 1..K,
         Gap(k) = log(mean_b W_k^(b)) - log(W_k),   s_k = sqrt(1 + 1/B) std_b(log W_k^(b)),
-    with W_k^(b) from B reference sets drawn uniformly on [0, 1]^n (``generator``, a numpy Generator);
+    with W_k^(b) from B reference sets drawn uniformly on [0, 1]^n (``generator``, a numpy Generator; the same B
+    sets for every k, as Tibshirani et al., where the official code redraws them for each k);
     k^ = the smallest k with Gap(k) - Gap(k+1) + s_{k+1} >= 0. Note log(mean) where Tibshirani writes mean(log):
     the official code's. K is capped below the number of distinct scores (W_k would be 0); fewer than three
     distinct scores give 1; no k passing the test gives the largest k tried (the official code crashes there).

@@ -6,7 +6,8 @@
 
 One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
   1. the server samples the round's participants among the clients it has not expelled (--sampling);
-  2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA client trains on poisoned data);
+  2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA client trains on poisoned data; under
+     FLCert, whose global model is one model per group of clients, from its group's model);
   3. updates with NaN/Inf are rejected (flagged) before anything else reads them;
   4. the attacking clients replace their honest updates by crafted ones (Fang, LIE, ...), colluding on the
      genuine updates they know (--knowledge);
