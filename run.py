@@ -15,9 +15,16 @@ One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, s
   6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
 """
 import argparse
+import concurrent.futures
+import contextlib
+import csv
+import io
+import itertools
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 import time
 
@@ -106,7 +113,15 @@ def parse_args(argv=None):
                    help="feddefuse: also write replay.pt, each round's Algorithm 2 inputs (feddefuse.replay)")
     p.add_argument("--out", help="output folder for results.json and results.png (default: runs/<setting>)")
     p.add_argument("--summarize", nargs="+", metavar="RUN",
-                   help="print the tables of earlier runs (folders or results.json files) and exit")
+                   help="print the tables of earlier runs (folders or results.json files) and exit; a grid's folder: "
+                        "(re)write its summary.md and summary.csv")
+    grid = p.add_argument_group("grids", "any flag given comma-separated values (--seed 0,1,2) runs every "
+                                         "combination, each cell in its own process under --out")
+    grid.add_argument("--table", help="a paper table's defenses x attacks: fedredefense-1, fedredefense-2, "
+                                      "feddefuse-1, feddefuse-2; list prints them")
+    grid.add_argument("--jobs", help="cells run at once (default: the number of cores)")
+    grid.add_argument("--print-commands", action="store_true",
+                      help="print one self-contained command per cell still to run, and exit")
     args = p.parse_args(argv)
     if args.summarize:
         return args
@@ -406,7 +421,7 @@ def run(args):
         print(progress_line(record, args.rounds, sum(recent) / len(recent) if recent else None), flush=True)
 
     results = {
-        "config": {k: v for k, v in vars(args).items() if k != "summarize"},
+        "config": config_of(args),
         "partition": data.partition_summary(ds.y_train, parts, ds.num_classes),
         "malicious": sorted(malicious),
         "expelled": sorted(expelled),
@@ -449,6 +464,13 @@ def write_atomically(path, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
 
 
 def save(results, out):
@@ -508,7 +530,13 @@ def format_final(final):
 
 def summarize(paths):
     """One table row per run, then the reconstruction errors of benign vs attacking updates (FedREDefense
-    Table 10: mean +- std over all rounds)."""
+    Table 10: mean +- std over all rounds). A single grid folder (cell folders, no results.json of its own) gets
+    its summary.md and summary.csv (re)written from the cells, e.g. after they ran on several machines."""
+    if len(paths) == 1 and os.path.isdir(paths[0]) and not os.path.exists(os.path.join(paths[0], "results.json")):
+        write_summary(paths[0])
+        with open(os.path.join(paths[0], "summary.md")) as f:
+            print(f.read(), end="")
+        return
     runs = []
     for p in paths:
         with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
@@ -537,7 +565,295 @@ def summarize(paths):
         print(f"| {c['defense']} vs {c['attack']} ({c['dataset']}) | {stat(split[False])} | {stat(split[True])} |")
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Grids: a whole table in one command, each cell one `python run.py` in its own process
+# -----------------------------------------------------------------------------------------------------------------
+
+GRID_FLAGS = ("--table", "--jobs", "--print-commands")  # the grid's own flags, never passed to a cell
+SWITCHES = ("--download", "--save-replay", "--print-commands")  # flags that take no value
+# What a summary cell shows, per layout: FedREDefense Table 2 (TACC, /ASR), FedDefuse Tables 1 and 3
+# (TACC / DACC / MR, /ASR; DACC is the per-round ADACC), FedREDefense Table 1 (DACC / FPR / FNR, AAR).
+LAYOUTS = {"tacc": ("tacc",), "feddefuse": ("tacc", "adacc", "mr"), "detection": ("dacc", "fpr", "fnr", "aar")}
+LABELS = {"tacc": "TACC", "adacc": "DACC", "mr": "MR", "dacc": "DACC", "fpr": "FPR", "fnr": "FNR", "aar": "AAR"}
+
+
+def paper_table(name, dataset):
+    """``--table NAME``: (title, layout, {flag: [values]}), the paper table's defenses x attacks with its settings,
+    scaled to ``dataset``. On digits (25 clients, 40 rounds) FedDefuse's 20 of 100 participants a round become 10
+    of 25 and pattern II attacks the first 10 rounds (as README's FedDefuse tables); other datasets run the papers'
+    scale (100 clients, 500 rounds, 20 participants, 50 attacking rounds)."""
+    digits = dataset == "digits"
+    feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if digits else "20"],
+                 "--max-malicious-share": ["0.6"]}
+    fedredefense_attacks = ["none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba"]
+    feddefuse_attacks = ["gaussian", "signflip", "fang", "scaling"]
+    tables = {
+        "fedredefense-1": ("FedREDefense Table 1: DACC / FPR / FNR and AAR of the defenses that label clients",
+                           "detection", {"--protocol": ["fedredefense"], "--defense": ["fldetector", "fedredefense"],
+                                         "--attack": fedredefense_attacks[1:]}),
+        "fedredefense-2": ("FedREDefense Table 2: TACC (/ASR) of every defense it compares (LIE added)", "tacc",
+                           {"--protocol": ["fedredefense"], "--norm-bound": ["oracle"], "--root-size": ["500"],
+                            "--defense": ["fedavg", "krum", "median", "trmean", "normbound", "flame", "fltrust",
+                                          "fldetector", "flcert", "fedredefense"],
+                            "--attack": fedredefense_attacks}),
+        "feddefuse-1": ("FedDefuse Tables 1 and 3: TACC / DACC / MR (/ASR), pattern I", "feddefuse",
+                        {**feddefuse, "--defense": ["fedavg", "rfa", "krum", "median", "auror", "foolsgold",
+                                                    "feddmc", "fedcpa", "freqfed", "feddefuse"],
+                         "--attack": feddefuse_attacks}),
+        "feddefuse-2": ("FedDefuse Table 2: TACC (/ASR) under attack patterns II and III", "tacc",
+                        {**feddefuse, "--pattern": ["II", "III"], "--attack-rounds": ["10" if digits else "50"],
+                         "--defense": ["fedavg", "oracle", "fedredefense", "feddefuse"],
+                         "--attack": feddefuse_attacks}),
+    }
+    return tables.get(name)
+
+
+def split_grid_argv(argv):
+    """``argv`` as ([(flag, [values])], options): a value "a,b,c" is an axis of three values, a switch has the
+    single value None; the grid's own flags and ``--out`` go to ``options``."""
+    axes, options, i = [], {}, 0
+    while i < len(argv):
+        flag, value = argv[i], None
+        if "=" in flag:
+            flag, value = flag.split("=", 1)
+        elif flag not in SWITCHES and i + 1 < len(argv):
+            i += 1
+            value = argv[i]
+        i += 1
+        if flag in GRID_FLAGS + ("--out",):
+            options[flag] = True if flag == "--print-commands" else value
+        else:
+            axes.append((flag, [None] if value is None else value.split(",")))
+    return axes, options
+
+
+def grid_cells(axes, root):
+    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary."""
+    cells = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        varying = [f"{flag[2:]}-{value}" for (flag, values), value in zip(axes, combo) if len(values) > 1]
+        name = "_".join(varying) or "cell"
+        argv = [token for (flag, _), value in zip(axes, combo) for token in ([flag] if value is None else
+                                                                           [flag, value])]
+        cells.append((name, argv + ["--out", os.path.join(root, name)]))
+    return cells
+
+
+def config_of(args):
+    """The run's settings as results.json records them (the grid compares them to decide what is done)."""
+    return {k: v for k, v in vars(args).items() if k not in ("summarize", "table", "jobs", "print_commands")}
+
+
+def parse_cell(argv):
+    """(config, None) for a valid cell, (None, the one-line error) for an invalid one."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return config_of(parse_args(argv)), None
+    except SystemExit:
+        return None, stderr.getvalue().strip()
+
+
+def is_complete(out, config):
+    """A cell is done when its results.json (written atomically, at the end of a run) holds this config."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)["config"] == config
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_cell(argv, out, env):
+    """One cell as its own ``python run.py`` process, output to ``out/log.txt``; returns its error or None."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "log.txt"), "w") as log:
+        code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], stdout=log,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    if code == 0:
+        return None
+    with open(os.path.join(out, "log.txt")) as log:
+        lines = [line.strip() for line in log if line.strip()]
+    return f"exit code {code}: {lines[-1] if lines else 'no output'}"
+
+
+def record_error(out, error):
+    """Write (or, for ``None``, clear) a cell's error.txt, which the summary reads."""
+    path = os.path.join(out, "error.txt")
+    if error is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(out, exist_ok=True)
+    write_text(path, error + "\n")
+
+
+def run_grid(argv):
+    """Expand comma-separated values (and ``--table``) into cells, run the missing ones ``--jobs`` at a time, and
+    write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed."""
+    axes, options = split_grid_argv(argv)
+    table = options.get("--table")
+    if table == "list":
+        for name in ("fedredefense-1", "fedredefense-2", "feddefuse-1", "feddefuse-2"):
+            title, _, flags = paper_table(name, "digits")
+            print(f"{name:15} {math.prod(len(v) for v in flags.values()):3} cells  {title}")
+        print("(feddefuse-1 on --dataset fmnist is FedDefuse Table 3; every table takes any other flag, e.g. "
+              "--seed 0,1,2)")
+        return 0
+    if table is not None:
+        dataset = dict(axes).get("--dataset", ["digits"])
+        if paper_table(table, dataset[0]) is None or len(dataset) > 1:
+            sys.stderr.write(f"run.py: error: argument --table: must be list, fedredefense-1, fedredefense-2, "
+                             f"feddefuse-1 or feddefuse-2, on one --dataset (got {table})\n")
+            sys.exit(2)
+        title, layout, flags = paper_table(table, dataset[0])
+        axes = list({**flags, **dict(axes)}.items())  # the user's flags override the table's
+    else:
+        title, layout = "grid", None
+    jobs = options.get("--jobs") or str(os.cpu_count() or 1)
+    if not jobs.isdigit() or int(jobs) < 1:
+        sys.stderr.write(f"run.py: error: argument --jobs: must be an integer >= 1 (got {jobs})\n")
+        sys.exit(2)
+    jobs = int(jobs)
+    root = options.get("--out") or os.path.join("runs", table or "grid")
+    cells = grid_cells(axes, root)
+    os.makedirs(root, exist_ok=True)
+    grid = {"title": title, "layout": layout, "command": shlex.join(["python", "run.py", *argv]),
+            "cells": {name: cell_argv for name, cell_argv in cells}}
+    write_text(os.path.join(root, "grid.json"), json.dumps(grid, indent=1))
+
+    pending, failed = [], {}
+    for name, cell_argv in cells:
+        config, error = parse_cell(cell_argv)
+        if error is not None:
+            failed[name] = error
+        elif not is_complete(os.path.join(root, name), config):
+            pending.append((name, cell_argv))
+    for name, error in failed.items():
+        record_error(os.path.join(root, name), error)
+    if options.get("--print-commands"):
+        for _, cell_argv in pending:
+            print(shlex.join(["python", "run.py", *cell_argv]))
+        return 0
+
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and jobs > 1:  # one core's share each; README: results depend on it
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    print(f"{len(cells)} cells: {len(cells) - len(pending) - len(failed)} already done, {len(failed)} invalid, "
+          f"{len(pending)} to run with {jobs} worker(s) under {root}", flush=True)
+    start, done = time.time(), 0
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_cell, cell_argv, os.path.join(root, name), env): name
+                   for name, cell_argv in pending}
+        for future in concurrent.futures.as_completed(futures):
+            name, error, done = futures[future], future.result(), done + 1
+            record_error(os.path.join(root, name), error)
+            if error is not None:
+                failed[name] = error
+            eta = (time.time() - start) / done * (len(pending) - done) / 60
+            outcome = f"FAILED, {error}" if error else format_final(load_results(os.path.join(root, name))["final"])
+            print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
+    write_summary(root)
+    print(f"wrote {os.path.join(root, 'summary.md')} and summary.csv" +
+          (f"; {len(failed)} cell(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def load_results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def mean_std(values, percent=True):
+    """"72.2" for one value, "72.2 ± 0.3" (sample std) over several seeds, "-" where undefined."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    scale = 100 if percent else 1
+    text = f"{scale * np.mean(values):.1f}"
+    return text + (f" ± {scale * np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def write_summary(root):
+    """summary.md (the paper's layout: rows defenses, columns attacks, mean ± std over seeds, a worst-case column;
+    one table per combination of the other settings that vary) and summary.csv (one row per cell) under a grid's
+    folder. Works on any folder of cell folders, e.g. merged from several machines."""
+    grid_path = os.path.join(root, "grid.json")
+    grid = json.load(open(grid_path)) if os.path.exists(grid_path) else {"title": "grid", "layout": None}
+    folders = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+    order = list(grid.get("cells", {}))  # the grid's own order: the tables then list its values as given
+    names = sorted(folders, key=lambda d: (order.index(d), "") if d in order else (len(order), d))
+    runs, errors = {}, {}
+    for name in names:
+        out = os.path.join(root, name)
+        if os.path.exists(os.path.join(out, "error.txt")):
+            errors[name] = open(os.path.join(out, "error.txt")).read().strip()
+        elif os.path.exists(os.path.join(out, "results.json")):
+            runs[name] = load_results(out)
+    configs = [r["config"] for r in runs.values()]
+    varied = [k for k in (configs[0] if configs else {}) if k != "out" and
+              len({json.dumps(c[k]) for c in configs}) > 1]
+    groups = [k for k in varied if k not in ("defense", "attack", "seed")]
+    layout = grid["layout"] or ("feddefuse" if configs and configs[0]["protocol"] == "feddefuse" else "tacc")
+    metrics = LAYOUTS[layout]
+
+    lines = [f"# {grid['title']}", ""]
+    if "command" in grid:
+        lines += [f"Made by `{grid['command']}`.", ""]
+    lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
+              f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, % "
+              f"(AAR in rounds); "
+              f"mean ± std over seeds where there are several.", ""]
+    key = lambda c: tuple(json.dumps(c[k]) for k in groups)
+    for group in sorted({key(c) for c in configs}):
+        chosen = {n: r for n, r in runs.items() if key(r["config"]) == group}
+        if groups:
+            lines += ["## " + ", ".join(f"{k} = {json.loads(v)}" for k, v in zip(groups, group)), ""]
+        defenses = list(dict.fromkeys(r["config"]["defense"] for r in chosen.values()))
+        attacks_ = list(dict.fromkeys(r["config"]["attack"] for r in chosen.values()))
+        lines += ["| defense | " + " | ".join(attacks_) + " | worst case |", "|---" * (len(attacks_) + 2) + "|"]
+        for d in defenses:
+            row, worst = [], []
+            for a in attacks_:
+                finals = [r["final"] for r in chosen.values() if r["config"]["defense"] == d and
+                          r["config"]["attack"] == a]
+                values = [f[metrics[0]] for f in finals if f[metrics[0]] is not None]
+                if a != "none" and values:
+                    worst.append((np.mean(values), a))
+                cell = " / ".join(mean_std([f[m] for f in finals], m != "aar") for m in metrics) if finals else ""
+                if finals and finals[0]["asr"] is not None and layout != "detection":
+                    cell += f" ({mean_std([f['asr'] for f in finals])})"
+                row.append(cell)
+            row.append(f"{100 * min(worst)[0]:.1f} ({min(worst)[1]})" if worst else "-")
+            lines.append(f"| {d} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines.append(f"Worst case: the lowest mean {LABELS[metrics[0]]} over the attacks (the no-attack column left out).")
+    if errors:
+        lines += ["", "Failed cells:", ""] + [f"- `{name}`: {error}" for name, error in errors.items()]
+    write_text(os.path.join(root, "summary.md"), "\n".join(lines) + "\n")
+
+    rows = [{"cell": n, "status": "done", "error": "", **r["config"], **r["final"]} for n, r in runs.items()]
+    rows += [{"cell": n, "status": "failed", "error": e} for n, e in errors.items()]
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    def dump(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomically(os.path.join(root, "summary.csv"), dump)
+
+
+def is_grid(argv):
+    """A grid run: --table, --jobs or --print-commands, or a comma-separated value of any flag."""
+    if "--summarize" in argv:
+        return False
+    axes, options = split_grid_argv(argv)
+    return bool(set(options) - {"--out"}) or any(len(values) > 1 for _, values in axes)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if is_grid(argv):
+        return run_grid(argv)
     args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
@@ -552,4 +868,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
