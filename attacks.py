@@ -10,7 +10,9 @@ Conventions (those of ``fl.py``):
   protocol"): partial knowledge (every compromised participant's, FedREDefense sec. 3 and its official code) or
   full knowledge (every participant's, FedDefuse). ``craft`` takes both; every statistic-based function takes the
   known set as its ``honest`` argument.
-- Backdoor attacks (``BACKDOOR``) poison the local training itself (``backdoor_update``).
+- Backdoor attacks (``BACKDOOR``) poison the local training itself (``backdoor_update``); so do the label flips
+  (``LABEL_FLIP``, ``flip_labels``: data poisoning, FedREDefense sec. 6.1), whose adaptive variants (``ADAPTIVE``)
+  then scale the update by the largest factor the defense still accepts (``adaptive_scale``, Algorithm 3).
 - Every random draw uses the ``torch.Generator`` passed in (a CPU generator) and is made on the CPU, then moved to
   the input's device, so the same seed gives the same attack on every device.
 - Fewer than 2 known updates leave the standard deviation undefined; the statistics-based attacks (Fang, LIE,
@@ -26,8 +28,12 @@ import fl
 
 CRAFTED = ("fang", "lie", "minmax", "minsum", "mpaf", "signflip", "gaussian")  # crafted from honest updates
 BACKDOOR = ("scaling", "dba")  # poisoned local training
-# CLI order: none, the FedREDefense attacks (A.2 order), then the two FedDefuse-only attacks.
-ATTACKS = ("none",) + CRAFTED[:5] + BACKDOOR + CRAFTED[5:]
+ADAPTIVE = ("adaptive-labelflip", "adaptive-targeted-labelflip")  # label flips scaled by Algorithm 3
+LABEL_FLIP = ("labelflip", "targeted-labelflip") + ADAPTIVE  # training on flipped labels (FedREDefense sec. 6.1)
+TARGETED = ("targeted-labelflip", "adaptive-targeted-labelflip")  # ASR: source-class images sent to the target
+# CLI order: none, the FedREDefense attacks (A.2 order), the two FedDefuse-only attacks, then sec. 6.1's four.
+ATTACKS = ("none",) + CRAFTED[:5] + BACKDOOR + CRAFTED[5:] + LABEL_FLIP
+FLIP_SOURCE, FLIP_TARGET = 0, 2  # targeted label flip: class 0 relabelled as 2 (Tolpegin et al. 2020)
 
 
 def _rand(shape, generator, like, normal=False):
@@ -522,3 +528,41 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
     if name == "gaussian":
         return gaussian(honest, w_global, sizes, generator)
     raise ValueError(f"unknown crafted attack {name!r}; expected one of {CRAFTED}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A11-A12. Label flips and A13. the adaptive scaling attack (FedREDefense sec. 6.1, Algorithm 3)
+# ---------------------------------------------------------------------------------------------------------------
+
+def flip_labels(name, y, num_classes):
+    """The labels an attacking client trains on (ALGORITHMS.md A11, A12; FedREDefense sec. 6.1 and its code's
+    ``train_op_flip`` / ``train_op_tr_flip``).
+
+    - ``labelflip`` (and its adaptive variant): y -> (y + 1) mod C, "the next class" (FedDMC's C - 1 - y and
+      FLDetector's (y + 1) mod 9 are not followed);
+    - ``targeted-labelflip`` (and its adaptive variant): source class 0 -> target class 2, the rest unchanged.
+    The client then trains normally on its own images; the update is uploaded unscaled (adaptive: see
+    ``adaptive_scale``).
+    """
+    if name in TARGETED:
+        return torch.where(y == FLIP_SOURCE, torch.full_like(y, FLIP_TARGET), y)
+    return (y + 1) % num_classes
+
+
+def adaptive_scale(g, passes, delta_init=2.0, gamma_att=0.125):
+    """The adaptive scaling attack, FedREDefense Algorithm 3 (ALGORITHMS.md A13): the largest lambda >= 1 such
+    that lambda * g still passes the defense, found by the paper's binary search:
+        lambda = 1, delta = delta_init
+        while delta >= gamma_att:  lambda += delta;  if not passes(lambda * g): lambda -= delta;  delta /= 2
+    With delta_init = 2 and gamma_att = 0.125 (sec. 6.1) it tries 3, then +-1, +-0.5, +-0.25, +-0.125: five calls,
+    and lambda lies on the grid 1 + 0.125 k, at most 4.875. ``passes(update) -> bool`` is the defense's own
+    decision on that update, run on the attacker's copy of the defense's state (``run.py``); on a monotone
+    pass/fail it returns the largest grid point that passes. Returns (lambda, lambda * g).
+    """
+    lam, delta = 1.0, delta_init
+    while delta >= gamma_att:
+        lam += delta
+        if not passes(lam * g):
+            lam -= delta
+        delta /= 2
+    return lam, lam * g

@@ -23,6 +23,7 @@ differ, the choice made is written next to the code it concerns; the list in sho
 - Iteration caps (Table 7): "Initial round of M" on a client's first participation, "Upper bound of M" after.
 - The error carries the code's 1e-9 guard on both norms, so a zero update gets a huge (not infinite) error.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -157,28 +158,55 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
 
 
 class FedREDefense:
-    """Algorithm 1: reconstruct every participant's update, drop and expel those with e_i^t > gamma, FedAvg the rest.
+    """Algorithm 1: reconstruct every participant's update, drop and expel those with e_i^t > gamma, aggregate the rest.
 
     The server keeps K_i for every client across rounds (sec. 4.4, "maintaining local knowledge"); a client's
-    first reconstruction starts from K^0 under the first-participation cap. The aggregate is the unweighted mean
-    of the accepted updates, as in the official code.
+    first reconstruction starts from K^0 under the first-participation cap. The accepted updates are aggregated by
+    their unweighted mean, as in the official code, or by ``aggregate`` (a defense, e.g. Norm bound: sec. 6.1,
+    "FedREDefense, as a detection method, can apply any aggregation rule after filtering", Table 3).
     """
     expels = True  # run.py expels the flagged clients, and a client whose update was not finite as well
 
-    def __init__(self, model, sample_shape, num_classes, hp, generator, device):
-        self.model, self.hp = model, hp
+    def __init__(self, model, sample_shape, num_classes, hp, generator, device, aggregate=None):
+        self.model, self.hp, self.aggregate = model, hp, aggregate
         self.initial = initial_knowledge(sample_shape, num_classes, hp, generator, device)
         self.knowledge = {}  # client id -> K_i
 
+    def test(self, updates, clients, w_global, knowledge):
+        """Alg. 1 lines 6-9 for ``clients``: reconstruct each update from its K in ``knowledge`` (client -> K) and
+        flag e > gamma (strict, as the official code; NaN would count too). Changes no state.
+        Returns (flagged, errors, the learned K stacked, iterations)."""
+        caps = torch.tensor([self.hp.max_iters if c in knowledge else self.hp.first_iters for c in clients])
+        start = Knowledge.stack([knowledge.get(c, self.initial) for c in clients])
+        errors, learned, iterations = reconstruct(self.model, w_global, updates, start, caps, self.hp)
+        return ~(errors <= self.hp.gamma), errors, learned, iterations
+
     def __call__(self, updates, rnd):
-        caps = torch.tensor([self.hp.max_iters if c in self.knowledge else self.hp.first_iters for c in rnd.clients])
-        start = Knowledge.stack([self.knowledge.get(c, self.initial) for c in rnd.clients])
-        errors, learned, iterations = reconstruct(self.model, rnd.w_global, updates, start, caps, self.hp)
+        flagged, errors, learned, iterations = self.test(updates, rnd.clients, rnd.w_global, self.knowledge)
         self.knowledge.update(zip(rnd.clients, learned.unstack()))
-        flagged = ~(errors <= self.hp.gamma)  # e > gamma, strict as in the official code; NaN would count too
         accepted = ~flagged
-        return fl.Decision(update=fl.fedavg(updates[accepted.to(updates.device)]), accepted=accepted,
-                           expel=flagged, errors=errors, iterations=iterations)
+        kept = updates[accepted.to(updates.device)]
+        if self.aggregate is None:
+            update = fl.fedavg(kept)
+        else:
+            update = self.aggregate(kept, dataclasses.replace(
+                rnd, clients=[c for c, a in zip(rnd.clients, accepted.tolist()) if a], sizes=rnd.sizes[accepted],
+                malicious=rnd.malicious[accepted])).update
+        return fl.Decision(update=update, accepted=accepted, expel=flagged, errors=errors, iterations=iterations)
+
+    def attacker_test(self, client, rnd):
+        """``passes(update)`` for an adaptive attacker (Algorithm 3), who knows FedREDefense entirely: this
+        defense's own ``test`` of one update, from the attacker's copy of K_client (K^0 for a new client), under
+        the server's cap; the server's K_client is never touched.
+
+        Every trial starts from that copy, so ``passes`` is the verdict the server will reach on the update.
+        Alg. 3 instead threads K through the trials (each Reconstruction returns the K the next one starts from);
+        read literally, the fifth trial starts from a K refined by up to four caps' worth of iterations, which
+        the server does not have: on digits (round 1, targeted label flip) the attackers found lambda = 4.875
+        passing their own test and the server then flagged all 7.
+        """
+        copy = {client: self.knowledge[client]} if client in self.knowledge else {}
+        return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
 
 
 def benchmark(device="cpu", clients=(1, 10), iters=10):

@@ -231,6 +231,13 @@ def attack_success_rate(model, w, x, y, add_trigger, target):
     return (predict(model, w, add_trigger(x[keep])) == target).float().mean().item()
 
 
+def targeted_success_rate(model, w, x, y, source, target):
+    """ASR of a targeted label flip (FedREDefense sec. 6.1): the share of the ``source`` class's test images that
+    the global model classifies as ``target``."""
+    keep = y == source
+    return (predict(model, w, x[keep]) == target).float().mean().item()
+
+
 def _rate(numerator, denominator):
     return numerator / denominator if denominator else None
 

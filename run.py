@@ -6,17 +6,19 @@
 
 One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
   1. the server samples the round's participants among the clients it has not expelled (--sampling);
-  2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA client trains on poisoned data; under
-     FLCert, whose global model is one model per group of clients, from its group's model);
+  2. each participant trains locally from w^{t-1} (an attacking Scaling/DBA/label-flip client trains on poisoned
+     data; under FLCert, whose global model is one model per group of clients, from its group's model);
   3. updates with NaN/Inf are rejected (flagged) before anything else reads them;
   4. the attacking clients replace their honest updates by crafted ones (Fang, LIE, ...), colluding on the
-     genuine updates they know (--knowledge);
+     genuine updates they know (--knowledge); an adaptive attacker instead scales its label-flipped update by the
+     largest factor the defense still accepts (FedREDefense Algorithm 3);
   5. the defense decides which updates to aggregate (and, for FedREDefense, whom to expel for good);
   6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
 """
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import csv
 import io
 import itertools
@@ -81,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--norm-bound", default="median",
                    help="normbound's M: median (the round's median update norm), oracle (FedREDefense's: mean norm "
                         "of the truly benign updates) or a number (default: median)")
+    p.add_argument("--aggregate", choices=("fedavg", "normbound"), default="fedavg",
+                   help="fedredefense: the rule applied to the updates it accepts (FedREDefense Table 3; normbound "
+                        "uses --norm-bound's M) (default: fedavg)")
     p.add_argument("--root-size", type=int, default=100,
                    help="fltrust: examples in the server's root set, drawn from the training data (default: 100, "
                         "FLTrust's; FedREDefense uses 500)")
@@ -293,14 +298,15 @@ def make_defense(args, model, ds, x_train, y_train, w_init, device):
     hp = baselines.DETECTION_HYPER.get(args.dataset)
     layers = fl.param_slices(model)
     _, out_weight, out_shape = layers[-2]  # the output layer's weight matrix (out, in); its bias is layers[-1]
+    norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
     if args.defense == "fedredefense":
+        after = None if args.aggregate == "fedavg" else baselines.RobustDefense("normbound", 0, norm_bound)
         return fedredefense.FedREDefense(model, shape, classes, fedredefense.HYPER[args.dataset], generator,
-                                         device)
+                                         device, aggregate=after)
     if args.defense == "feddefuse":
         return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], fl.LOCAL_LR[args.dataset],
                                    generator, record=args.save_replay)
     if args.defense in baselines.ROBUST:
-        norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
         return baselines.RobustDefense(args.defense, args.assumed_malicious, norm_bound)
     detection = {
         "flame": lambda: baselines.FLAME(args.seed),
@@ -319,6 +325,32 @@ def make_defense(args, model, ds, x_train, y_train, w_init, device):
     if args.defense in detection:
         return detection[args.defense]()
     return getattr(baselines, args.defense)
+
+
+def attacker_test(defense, updates, i, rnd):
+    """``passes(update)`` for the adaptive attacker of row i (Algorithm 3): the defense's own decision on this
+    round with row i replaced by ``update``, run on a copy of the defense, so its state never changes. A defense
+    may offer the same decision more cheaply (FedREDefense: ``attacker_test``, one client's reconstruction test).
+    A rule that makes no per-client decision (Median, Norm bound, ...) passes every update."""
+    if hasattr(defense, "attacker_test"):
+        return defense.attacker_test(rnd.clients[i], rnd)
+
+    def passes(update):
+        trial = updates.clone()
+        trial[i] = update
+        accepted = copy.deepcopy(defense)(trial, rnd).accepted
+        return accepted is None or bool(accepted[i])
+    return passes
+
+
+def success_rate(attack, model, w, x_test, y_test, add_trigger):
+    """ASR of the run's attack: a backdoor's (triggered images of other classes sent to the target, App. A.4) or
+    a targeted label flip's (source-class images sent to the target, sec. 6.1); None for every other attack."""
+    if attack in attacks.BACKDOOR:
+        return fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
+    if attack in attacks.TARGETED:
+        return fl.targeted_success_rate(model, w, x_test, y_test, attacks.FLIP_SOURCE, attacks.FLIP_TARGET)
+    return None
 
 
 def starting_models(w, groups, clients):
@@ -368,6 +400,8 @@ def run(args):
                 updates.append(attacks.backdoor_update(model, w_c, x, y, data.add_trigger(x, trigger),
                                                        BACKDOOR_TARGET, lr, g))
             else:
+                if attacks_now and args.attack in attacks.LABEL_FLIP:
+                    y = attacks.flip_labels(args.attack, y, ds.num_classes)
                 updates.append(fl.local_update(model, w_c, x, y, lr, g))
         updates = torch.stack(updates) if updates else w_init.new_zeros(0, len(w_init))
 
@@ -387,8 +421,16 @@ def run(args):
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
                 signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)))
 
+        # Adaptive attacks (FedREDefense Alg. 3): each attacker in turn scales its poisoned update by the largest
+        # lambda that the defense, run on the attacker's copy of its state, still accepts in this round.
         sizes = torch.tensor([len(parts[c]) for c in clients])
-        decision = (defense(updates, fl.Round(t, clients, w, sizes, attacking)) if clients else  # all expelled
+        rnd, lambdas = fl.Round(t, clients, w, sizes, attacking), {}
+        if args.attack in attacks.ADAPTIVE:
+            for i in attacking.nonzero()[:, 0].tolist():
+                lambdas[str(clients[i])], updates[i] = attacks.adaptive_scale(updates[i],
+                                                                              attacker_test(defense, updates, i, rnd))
+
+        decision = (defense(updates, rnd) if clients else  # all expelled
                     fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool),
                                 expel=torch.zeros(0, dtype=torch.bool)))
         w = w + decision.update
@@ -408,9 +450,9 @@ def run(args):
             "errors": per_client(clients, decision.errors),
             "iterations": per_client(clients, decision.iterations),
             "details": decision.details,
+            "lambda": lambdas or None,
             "tacc": fl.accuracy(model, w, x_test, y_test),
-            "asr": (fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
-                    if args.attack in attacks.BACKDOOR else None),
+            "asr": success_rate(args.attack, model, w, x_test, y_test, add_trigger),
             **round_metrics(None if accepted is None else torch.cat([accepted, torch.zeros(len(rejected),
                                                                                           dtype=torch.bool)]),
                             torch.cat([attacking, rejected_attacking])),

@@ -295,7 +295,8 @@ def craft_inputs(q=4):
 
 def test_attack_lists():
     assert attacks.ATTACKS == ("none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba", "signflip",
-                               "gaussian")
+                               "gaussian", "labelflip", "targeted-labelflip", "adaptive-labelflip",
+                               "adaptive-targeted-labelflip")
     honest, kw = craft_inputs()
     for name in attacks.ATTACKS:  # each name is crafted by `craft` or trains on poisoned data, never both
         if name in attacks.CRAFTED:
@@ -458,3 +459,45 @@ def test_fang_krum_deterministic_under_a_seed():
     assert torch.equal(a, attacks.fang_krum(known, c, f, gen(3), n_participants=n))
     b = attacks.fang_krum(known, c, f, gen(4), n_participants=n)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1:], b[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A11-A13: label flips and the adaptive scaling attack
+# ---------------------------------------------------------------------------------------------------------------
+
+GRID = [1 + 0.125 * k for k in range(32)]  # every lambda Algorithm 3 can reach from 1 with delta 2 .. 0.125
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0])
+def test_adaptive_scale_finds_the_largest_grid_lambda_that_passes_in_five_calls(threshold):
+    """ALGORITHMS.md A13 tests 1-3: on a monotone pass/fail (lambda passes iff lambda <= threshold) the binary
+    search returns the largest grid point that passes (1 if none above 1 does, 4.875 at most), in 5 calls."""
+    g = torch.tensor([1.0, -2.0])
+    calls = []
+    def passes(update):
+        calls.append(update[0].item())  # the trial lambda, since g[0] = 1
+        return update[0].item() <= threshold
+    lam, scaled = attacks.adaptive_scale(g, passes)
+    assert lam == max([x for x in GRID if x <= threshold], default=1.0)
+    assert torch.equal(scaled, lam * g) and len(calls) == 5 and calls[0] == 3.0
+
+
+def test_label_flip_maps():
+    """A11: y -> (y + 1) mod C is a bijection without fixed points; A12: only class 0 changes, to class 2."""
+    y = torch.arange(10).repeat(3)
+    for name in ("labelflip", "adaptive-labelflip"):
+        flipped = attacks.flip_labels(name, y, 10)
+        assert sorted(flipped[:10].tolist()) == list(range(10)) and not (flipped == y).any()
+        assert flipped[:10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    for name in ("targeted-labelflip", "adaptive-targeted-labelflip"):
+        flipped = attacks.flip_labels(name, y, 10)
+        assert flipped[y == 0].tolist() == [2, 2, 2] and torch.equal(flipped[y != 0], y[y != 0])
+
+
+def test_targeted_success_rate_counts_source_images_sent_to_the_target(monkeypatch):
+    """Targeted label flip's ASR on a hand-built case: of the four class-0 images, two are predicted 2; the
+    class-1/2 images predicted 2 do not count."""
+    y = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    predictions = torch.tensor([2, 2, 1, 0, 2, 2, 0])
+    monkeypatch.setattr(fl, "predict", lambda model, w, x: predictions[x])  # x holds indices here
+    assert fl.targeted_success_rate(None, None, torch.arange(7), y, source=0, target=2) == 0.5

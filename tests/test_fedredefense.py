@@ -181,3 +181,37 @@ def test_one_outer_iteration_is_one_sgd_step_on_the_reference_gradient(digits_ro
     after = _reference_gradients(model64, fr.Knowledge.stack(stepped), updates64, hp.inner_steps)
     for i, (e_ref, *_) in enumerate(after):
         assert errors[i].item() == pytest.approx(e_ref.item(), rel=1e-5)
+
+
+def test_the_adaptive_attackers_test_is_the_servers_verdict_and_leaves_its_state_alone(digits_round):
+    """Algorithm 3's ``passes``: FedREDefense's own test of one update from the attacker's copy of K_i, equal to
+    the verdict the server reaches on it, while the server's K_i stays as it was."""
+    model, w, updates, sizes = digits_round
+    hp = dataclasses.replace(HP, first_iters=200, max_iters=30)  # genuine K_i learned in round 0, short trials
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
+    rnd = fl.Round(0, [0, 2], w, sizes[[0, 2]], torch.zeros(2, dtype=torch.bool))
+    defense(updates[[0, 2]], rnd)  # both clients now have a K_i
+    before = {c: dataclasses.astuple(k) for c, k in defense.knowledge.items()}
+    rnd = dataclasses.replace(rnd, t=1)
+    trials = [updates[2], 3 * updates[2], -updates[2]]
+    verdicts = [defense.attacker_test(2, rnd)(u) for u in trials]
+    for c, k in defense.knowledge.items():
+        assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(k), before[c]))
+    for u, verdict in zip(trials, verdicts):
+        flagged = defense(torch.stack([updates[0], u]), dataclasses.replace(rnd, clients=[0, 2]))
+        defense.knowledge = {c: fr.Knowledge(*k) for c, k in before.items()}  # undo the server's round
+        assert verdict == bool(flagged.accepted[1])
+    assert len(set(verdicts)) == 2  # the case tells passing and failing updates apart
+
+
+def test_an_aggregation_rule_after_filtering_aggregates_the_accepted_updates(digits_round):
+    """Sec. 6.1 / Table 3: FedREDefense followed by Norm bound gives Norm bound's aggregate of what it accepted."""
+    import baselines
+    model, w, updates, sizes = digits_round
+    hp = dataclasses.replace(HP, first_iters=5, max_iters=5, gamma=1e9)  # accept everyone
+    after = baselines.RobustDefense("normbound", 0, 0.05)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu", aggregate=after)
+    decision = defense(updates, fl.Round(0, [0, 1, 2, 3], w, sizes, torch.zeros(4, dtype=torch.bool)))
+    assert decision.accepted.all()
+    assert torch.equal(decision.update, baselines.normbound(updates, 0.05).update)
+    assert not torch.allclose(decision.update, updates.mean(0))

@@ -215,7 +215,9 @@ class Spy:
     def __init__(self, defense, log):
         self.defense, self.log = defense, log
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for attributes a Spy lacks (also while it is being deep-copied)
+        if name in ("defense", "log"):
+            raise AttributeError(name)
         return getattr(self.defense, name)
 
     def __call__(self, updates, rnd):
@@ -315,3 +317,21 @@ def test_fang_becomes_the_attack_on_krum_against_krum_only(monkeypatch, tmp_path
         run.run(run.parse_args(TINY + ["--defense", defense, "--attack", "fang", "--assumed-malicious", "3",
                                        "--out", str(tmp_path)]))
         assert chosen == ([("krum", 3)] * 2 if defense != "median" else [("trim", None)] * 2)
+
+
+def test_adaptive_attackers_record_their_lambda_and_test_on_a_copy_of_the_defense(tmp_path):
+    """Algorithm 3 in the round loop: against FedAvg (which accepts everything) every attacker scales by the
+    largest lambda, 4.875, recorded per client and round; against a stateful baseline the attacker's trials
+    run on a copy, so the defense's own history is what its real rounds made it."""
+    results = run.run(run.parse_args(TINY + ["--defense", "fedavg", "--attack", "adaptive-labelflip",
+                                             "--out", str(tmp_path)]))
+    for r in results["rounds"]:
+        assert r["lambda"] == {str(c): 4.875 for c in r["attacking"]} and r["attacking"]
+
+    defense = run.baselines.FoolsGold()
+    updates = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    rnd = fl.Round(0, [0, 1, 2, 3], torch.zeros(6), torch.ones(4), torch.tensor([False, False, False, True]))
+    passes = run.attacker_test(defense, updates, 3, rnd)
+    assert passes(updates[3]) is True
+    assert passes(updates[0].clone()) is False  # a copy of client 0's update is its sybil: weight 0
+    assert defense.history == {}  # the trials ran on copies
