@@ -815,59 +815,75 @@ def mean_std(values, percent=True):
     return text + (f" ± {scale * np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
 
 
+def read_grid(root):
+    """A grid folder's layout (grid.json, if the grid wrote one) and its cells: {name: results} of the finished
+    ones and {name: error} of the failed ones, in the grid's own order (its tables list values as given)."""
+    grid = {"title": "grid", "layout": None}
+    if os.path.exists(os.path.join(root, "grid.json")):
+        with open(os.path.join(root, "grid.json")) as f:
+            grid = json.load(f)
+    order = list(grid.get("cells", {}))
+    folders = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))),
+                     key=lambda d: (order.index(d), "") if d in order else (len(order), d))
+    runs, errors = {}, {}
+    for name in folders:
+        out = os.path.join(root, name)
+        if os.path.exists(os.path.join(out, "error.txt")):
+            with open(os.path.join(out, "error.txt")) as f:
+                errors[name] = f.read().strip()
+        elif os.path.exists(os.path.join(out, "results.json")):
+            runs[name] = load_results(out)
+    return grid, runs, errors
+
+
+def summary_cell(finals, metrics, layout):
+    """One table cell: each metric's mean (± std over seeds), then the ASR in brackets where there is one."""
+    cell = " / ".join(mean_std([f[m] for f in finals], percent=m != "aar") for m in metrics)
+    if finals[0]["asr"] is not None and layout != "detection":
+        cell += f" ({mean_std([f['asr'] for f in finals])})"
+    return cell
+
+
+def summary_table(runs, metrics, layout):
+    """Rows defenses, columns attacks, and the worst case: the lowest mean of the first metric over the attacks."""
+    defenses = list(dict.fromkeys(r["config"]["defense"] for r in runs))
+    attacks_ = list(dict.fromkeys(r["config"]["attack"] for r in runs))
+    lines = ["| defense | " + " | ".join(attacks_) + " | worst case |", "|---" * (len(attacks_) + 2) + "|"]
+    for d in defenses:
+        row, worst = [], []
+        for a in attacks_:
+            finals = [r["final"] for r in runs if (r["config"]["defense"], r["config"]["attack"]) == (d, a)]
+            row.append(summary_cell(finals, metrics, layout) if finals else "")
+            values = [f[metrics[0]] for f in finals if f[metrics[0]] is not None]
+            if a != "none" and values:
+                worst.append((np.mean(values), a))
+        row.append(f"{100 * min(worst)[0]:.1f} ({min(worst)[1]})" if worst else "-")
+        lines.append(f"| {d} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def write_summary(root):
     """summary.md (the paper's layout: rows defenses, columns attacks, mean ± std over seeds, a worst-case column;
     one table per combination of the other settings that vary) and summary.csv (one row per cell) under a grid's
     folder. Works on any folder of cell folders, e.g. merged from several machines."""
-    grid_path = os.path.join(root, "grid.json")
-    grid = json.load(open(grid_path)) if os.path.exists(grid_path) else {"title": "grid", "layout": None}
-    folders = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-    order = list(grid.get("cells", {}))  # the grid's own order: the tables then list its values as given
-    names = sorted(folders, key=lambda d: (order.index(d), "") if d in order else (len(order), d))
-    runs, errors = {}, {}
-    for name in names:
-        out = os.path.join(root, name)
-        if os.path.exists(os.path.join(out, "error.txt")):
-            errors[name] = open(os.path.join(out, "error.txt")).read().strip()
-        elif os.path.exists(os.path.join(out, "results.json")):
-            runs[name] = load_results(out)
+    grid, runs, errors = read_grid(root)
     configs = [r["config"] for r in runs.values()]
     varied = [k for k in (configs[0] if configs else {}) if k != "out" and
-              len({json.dumps(c[k]) for c in configs}) > 1]
+              len({json.dumps(c.get(k)) for c in configs}) > 1]
     groups = [k for k in varied if k not in ("defense", "attack", "seed")]
     layout = grid["layout"] or ("feddefuse" if configs and configs[0]["protocol"] == "feddefuse" else "tacc")
     metrics = LAYOUTS[layout]
 
-    lines = [f"# {grid['title']}", ""]
-    if "command" in grid:
-        lines += [f"Made by `{grid['command']}`.", ""]
+    lines = [f"# {grid['title']}", ""] + ([f"Made by `{grid['command']}`.", ""] if "command" in grid else [])
     lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
-              f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, % "
-              f"(AAR in rounds); "
+              f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
+              f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
               f"mean ± std over seeds where there are several.", ""]
-    key = lambda c: tuple(json.dumps(c[k]) for k in groups)
+    key = lambda c: tuple(json.dumps(c.get(k)) for k in groups)
     for group in sorted({key(c) for c in configs}):
-        chosen = {n: r for n, r in runs.items() if key(r["config"]) == group}
         if groups:
             lines += ["## " + ", ".join(f"{k} = {json.loads(v)}" for k, v in zip(groups, group)), ""]
-        defenses = list(dict.fromkeys(r["config"]["defense"] for r in chosen.values()))
-        attacks_ = list(dict.fromkeys(r["config"]["attack"] for r in chosen.values()))
-        lines += ["| defense | " + " | ".join(attacks_) + " | worst case |", "|---" * (len(attacks_) + 2) + "|"]
-        for d in defenses:
-            row, worst = [], []
-            for a in attacks_:
-                finals = [r["final"] for r in chosen.values() if r["config"]["defense"] == d and
-                          r["config"]["attack"] == a]
-                values = [f[metrics[0]] for f in finals if f[metrics[0]] is not None]
-                if a != "none" and values:
-                    worst.append((np.mean(values), a))
-                cell = " / ".join(mean_std([f[m] for f in finals], m != "aar") for m in metrics) if finals else ""
-                if finals and finals[0]["asr"] is not None and layout != "detection":
-                    cell += f" ({mean_std([f['asr'] for f in finals])})"
-                row.append(cell)
-            row.append(f"{100 * min(worst)[0]:.1f} ({min(worst)[1]})" if worst else "-")
-            lines.append(f"| {d} | " + " | ".join(row) + " |")
-        lines.append("")
+        lines += summary_table([r for r in runs.values() if key(r["config"]) == group], metrics, layout)
     lines.append(f"Worst case: the lowest mean {LABELS[metrics[0]]} over the attacks (the no-attack column left out).")
     if errors:
         lines += ["", "Failed cells:", ""] + [f"- `{name}`: {error}" for name, error in errors.items()]
@@ -876,6 +892,7 @@ def write_summary(root):
     rows = [{"cell": n, "status": "done", "error": "", **r["config"], **r["final"]} for n, r in runs.items()]
     rows += [{"cell": n, "status": "failed", "error": e} for n, e in errors.items()]
     fields = list(dict.fromkeys(k for row in rows for k in row))
+
     def dump(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fields)
