@@ -173,7 +173,7 @@ class FedREDefense:
         self.knowledge = {}  # client id -> K_i
 
     def test(self, updates, clients, w_global, knowledge):
-        """Alg. 1 lines 6-9 for ``clients``: reconstruct each update from its K in ``knowledge`` (client -> K) and
+        """Alg. 1's test for ``clients``: reconstruct each update from its K in ``knowledge`` (client -> K) and
         flag e > gamma (strict, as the official code; NaN would count too). Changes no state.
         Returns (flagged, errors, the learned K stacked, iterations)."""
         caps = torch.tensor([self.hp.max_iters if c in knowledge else self.hp.first_iters for c in clients])
@@ -202,8 +202,8 @@ class FedREDefense:
         Every trial starts from that copy, so ``passes`` is the verdict the server will reach on the update.
         Alg. 3 instead threads K through the trials (each Reconstruction returns the K the next one starts from);
         read literally, the fifth trial starts from a K refined by up to four caps' worth of iterations, which
-        the server does not have: on digits (round 1, targeted label flip) the attackers found lambda = 4.875
-        passing their own test and the server then flagged all 7.
+        the server does not have: on digits (round 1, targeted label flip) 6 of the 7 attackers passed their own
+        test at lambda = 4.875, and the server then flagged all 7.
         """
         copy = {client: self.knowledge[client]} if client in self.knowledge else {}
         return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
