@@ -1,6 +1,6 @@
 """Model-poisoning attacks: what the malicious clients upload in a round.
 
-Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A2, A3-A10, and
+Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A2, A3-A13, and
 ``reference/fedredefense-official-code.md`` sec. 3 (what the official FedREDefense code does).
 
 Conventions (those of ``fl.py``):

@@ -3,6 +3,7 @@
     python run.py                                          # FedREDefense vs the Fang attack on digits
     python run.py --defense feddefuse --attack scaling     # FedDefuse vs a backdoor
     python run.py --summarize runs/*                       # tables from earlier runs' results.json
+    python run.py --table feddefuse-1 --jobs 2             # a paper's table as a grid of runs
 
 One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
   1. the server samples the round's participants among the clients it has not expelled (--sampling);
