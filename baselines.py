@@ -447,7 +447,7 @@ def hdbscan_labels(dist, min_cluster_size, allow_single_cluster):
 
 
 def window_majority(history, client, flagged, window=10):
-    """Self-ensemble correction of FedDMC (and its lab's Auror): remember a client's last ``window`` per-round
+    """FedDMC's self-ensemble correction (its official code's rule): remember a client's last ``window`` per-round
     flags in ``history`` (a dict of deques, updated in place) and flag it iff it was flagged in more than half of
     the rounds remembered."""
     h = history.setdefault(client, collections.deque(maxlen=window))

@@ -744,11 +744,12 @@ def run_grid(argv):
         return 0
     if table is not None:
         dataset = dict(axes).get("--dataset", ["digits"])
-        if paper_table(table, dataset[0]) is None or len(dataset) > 1:
+        preset = paper_table(table, dataset[0]) if len(dataset) == 1 else None
+        if preset is None:
             sys.stderr.write(f"run.py: error: argument --table: must be list, fedredefense-1, fedredefense-2, "
                              f"feddefuse-1 or feddefuse-2, on one --dataset (got {table})\n")
             sys.exit(2)
-        title, layout, flags = paper_table(table, dataset[0])
+        title, layout, flags = preset
         axes = list({**flags, **dict(axes)}.items())  # the user's flags override the table's
     else:
         title, layout = "grid", None
