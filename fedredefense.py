@@ -96,28 +96,45 @@ def soft_cross_entropy(logits, label_logits):
 def simulate_training(model, w0, images, label_logits, lr, steps):
     """w_hat_N: ``steps`` steps of gradient descent from ``w0`` on (images, soft labels) at learning rate ``lr``.
 
-    Alg. 2 lines 6-9: w_hat_{n+1} = w_hat_n - alpha * grad f(K, w_hat_n). The inner gradients are taken with
-    torch.func.grad, so w_hat_N stays differentiable in the images, the labels and the learning rate (the outer
-    loop back-propagates through all steps) and the function can be vmapped over clients. FedDefuse's simulated
-    local training (its eq. 5b) is the same computation and calls this function too.
+    Alg. 2 lines 6-9: w_hat_{n+1} = w_hat_n - alpha * grad f(K, w_hat_n). The parameters are the model's layers
+    (``fl.unflatten``), and so is the result. The inner gradients are taken with torch.func.grad, so w_hat_N stays
+    differentiable in the images, the labels and the learning rate (the outer loop back-propagates through all
+    steps) and the function can be vmapped over clients. FedDefuse's simulated local training (its eq. 5b) is the
+    same computation and calls this function too.
     """
     loss = lambda w: soft_cross_entropy(fl.functional_forward(model, w, images), label_logits)
     w = w0
     for _ in range(steps):
-        w = w - lr * torch.func.grad(loss)(w)
+        w = tuple(w_n - lr * grad for w_n, grad in zip(w, torch.func.grad(loss)(w)))
     return w
 
 
 def simulated_updates(model, w0, images, label_logits, lrs, steps):
-    """w_hat_N - w_hat_0 for a batch of clients (leading dimension of every argument but w0): ``simulate_training``
-    vmapped, one client's knowledge and learning rate per row. Shared by FedREDefense and FedDefuse."""
-    one = lambda x, y, a: simulate_training(model, w0, x, y, a, steps) - w0
+    """w_hat_N - w_hat_0 ``[n, d]`` for a batch of clients (leading dimension of every argument but the flat
+    ``w0``): ``simulate_training``, one client's knowledge and learning rate per row, vmapped over the clients
+    (a single client runs without vmap, which then only costs). Shared by FedREDefense and FedDefuse."""
+    layers = fl.unflatten(model, w0)
+
+    def one(x, y, a):
+        w_hat = simulate_training(model, layers, x, y, a, steps)
+        return torch.cat([(w_n - w_0).reshape(-1) for w_n, w_0 in zip(w_hat, layers)])
+
+    if len(images) == 1:
+        return one(images[0], label_logits[0], lrs[0])[None]
     return torch.func.vmap(one)(images, label_logits, lrs)
 
 
 def reconstruction_error(reconstructed, g, eps=1e-9):
     """e = ||reconstructed - g||^2 / ||g||^2 (Alg. 2 lines 11 and 20) per row, with the official 1e-9 guards."""
     return ((reconstructed - g).pow(2).sum(-1) + eps) / (g.pow(2).sum(-1) + eps)
+
+
+def clients_per_batch(n_params, device):
+    """How many clients ``reconstruct`` vmaps together. On a CPU, batching pays while the layers are small and
+    loses once the arithmetic dominates (measured with ``python fedredefense.py``: vmapping 7-25 clients gives
+    2.5-3x a per-client loop for digits' 35k-parameter CNN, 1.3x for the 140k FMNIST CNN, 0.5-0.8x for the
+    1.2M CIFAR CNN), so a CPU batch holds at most 2M parameters. A GPU takes a whole round at once (not measured)."""
+    return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
 
 
 def reconstruct(model, w_global, updates, knowledge, caps, hp):
@@ -127,27 +144,32 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     Each client's outer loop takes SGD steps (momentum 0.5) on its own K_i and alpha_i against its own loss
     L_m = e(w_hat_N - w_hat_0, g_i) through the N unrolled inner steps, and stops as soon as e < gamma or its
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
-    its last finite error (inf if none). Returns (e [n], stacked K_i^t, iterations [n]),
+    its last finite error (inf if none). The clients still running are evaluated ``clients_per_batch`` at a time;
+    they are independent, so the batching changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]),
     iterations counting evaluations of the unrolled training: the outer iterations of Table 9's AOI (an early
     stop at the first check counts 1, as in the official code).
     """
     params = [t.clone().requires_grad_(True) for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
     lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
-    n = len(updates)
+    n, batch = len(updates), clients_per_batch(updates.shape[1], updates.device)
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
-        e = reconstruction_error(simulated_updates(model, w_global, *(p[active] for p in params), hp.inner_steps),
-                                 updates[active])
-        e_now = e.detach().cpu()
-        finite = torch.isfinite(e_now)  # a zero update's huge error can blow the outer step up: stop there
-        errors[active[finite]], iterations[active] = e_now[finite], m + 1
-        go_on = finite & (e_now >= hp.gamma) & (m < caps[active])
-        if not go_on.any():
+        stepping = []
+        for clients in active.split(batch):
+            e = reconstruction_error(simulated_updates(model, w_global, *(p[clients] for p in params),
+                                                       hp.inner_steps), updates[clients])
+            e_now = e.detach().cpu()
+            finite = torch.isfinite(e_now)  # a zero update's huge error can blow the outer step up: stop there
+            errors[clients[finite]], iterations[clients] = e_now[finite], m + 1
+            go_on = finite & (e_now >= hp.gamma) & (m < caps[clients])
+            if go_on.any():
+                e[go_on.to(e.device)].sum().backward()  # clients are independent: each K_i gets only its gradient
+            stepping.append(clients[go_on])
+        step = torch.cat(stepping)
+        if len(step) == 0:
             break
-        e[go_on.to(e.device)].sum().backward()  # clients are independent: each K_i gets only its own gradient
-        step = active[go_on]
         with torch.no_grad():
             for p, v, lr in zip(params, velocity, lrs):
                 v[step] = hp.momentum * v[step] + p.grad[step]
@@ -209,29 +231,62 @@ class FedREDefense:
         return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
 
 
-def benchmark(device="cpu", clients=(1, 10), iters=10):
-    """Outer iterations per second of ``reconstruct`` for the CNNs of Tables 5 and 6, on random updates.
+def plain_reconstruction(model, w0, g, knowledge, iters, hp):
+    """The reference ``benchmark`` measures ``reconstruct`` against: Algorithm 2 for one client, written the plain
+    way the official code writes it (one flat parameter vector, as its ReparamModule; N unrolled steps of
+    torch.autograd.grad(create_graph=True); one backward of e), for ``iters`` outer SGD steps without early stop.
+    Returns (e of the final K, the final K)."""
+    params = [t.clone().requires_grad_(True) for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
+    velocity = [torch.zeros_like(p) for p in params]
+    for m in range(iters + 1):
+        images, label_logits, alpha = params
+        w_hat = w_hat_0 = w0.clone().requires_grad_(True)
+        for _ in range(hp.inner_steps):
+            loss = soft_cross_entropy(fl.functional_forward(model, w_hat, images), label_logits)
+            (grad,) = torch.autograd.grad(loss, w_hat, create_graph=True)
+            w_hat = w_hat - alpha * grad
+        e = reconstruction_error(w_hat - w_hat_0, g)
+        if m == iters:
+            return e.detach(), Knowledge(*(p.detach() for p in params))
+        grads = torch.autograd.grad(e, params)
+        with torch.no_grad():
+            for p, v, grad, lr in zip(params, velocity, grads, (hp.lr_images, hp.lr_labels, hp.lr_alpha)):
+                v.mul_(hp.momentum).add_(grad)
+                p -= lr * v
 
-    Every client runs all ``iters`` iterations (gamma = 0 disables the early stop); a batch of n clients counts n
-    client-iterations per outer step. Usage: ``python fedredefense.py [cpu|cuda]``.
+
+def benchmark(device="cpu", clients=(1, 10, 25), iters=4):
+    """Client outer-iterations per second of ``reconstruct`` and of ``plain_reconstruction`` (one client after
+    another) on the CNNs of Tables 5 and 6, the same random updates and K^0, and their ratio.
+
+    Every client runs all ``iters`` outer steps (gamma = 0 disables the early stop) and every evaluation of the
+    unrolled training counts, iters + 1 per client. Usage: ``python fedredefense.py [cpu|cuda]``.
     """
     import time
+
+    def rate(run, n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return n * (iters + 1) / (time.perf_counter() - start)
+
+    print(f"{device}, {torch.get_num_threads()} threads; client outer iterations/s")
     for channels, side, dataset in ((1, 28, "fmnist"), (3, 32, "cifar10")):
-        hp = HYPER[dataset]
-        hp = Hyper(hp.lr_images, hp.lr_labels, hp.alpha_init, hp.lr_alpha, iters, iters, gamma=0.0)
-        model = fl.CNN(channels, side).to(device)
+        hp = dataclasses.replace(HYPER[dataset], first_iters=iters, max_iters=iters, gamma=0.0)
+        model = fl.CNN(channels, side).to(device).requires_grad_(False)
         w = fl.flatten_params(model)
         k0 = initial_knowledge((channels, side, side), 10, hp, torch.Generator().manual_seed(0), device)
         for n in clients:
             g = 1e-3 * torch.randn(n, len(w), generator=torch.Generator().manual_seed(1)).to(device)
-            reconstruct(model, w, g, Knowledge.stack([k0] * n), torch.full((n,), 1), hp)  # warm-up
-            start = time.perf_counter()
-            reconstruct(model, w, g, Knowledge.stack([k0] * n), torch.full((n,), iters), hp)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            rate = n * (iters + 1) / (time.perf_counter() - start)
-            print(f"{channels}x{side}x{side} CNN ({len(w):,} parameters), {n:>3} client(s) in parallel: "
-                  f"{rate:7.1f} outer iterations/s ({device}, {torch.get_num_threads()} threads)")
+            k = Knowledge.stack([k0] * n)
+            reconstruct(model, w, g, k, torch.full((n,), 1), hp)  # warm-up
+            fast = rate(lambda: reconstruct(model, w, g, k, torch.full((n,), iters), hp), n)
+            plain = rate(lambda: [plain_reconstruction(model, w, g[i], k0, iters, hp) for i in range(n)], n)
+            print(f"{channels}x{side}x{side} CNN ({len(w):>9,} parameters), {n:>3} clients: reconstruct "
+                  f"{fast:6.1f}, plain loop {plain:6.1f}, ratio {fast / plain:4.2f}", flush=True)
 
 
 if __name__ == "__main__":

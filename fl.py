@@ -109,16 +109,21 @@ def param_slices(model):
     return out
 
 
-def functional_forward(model, w, x):
-    """``model(x)`` evaluated at the flat parameters ``w``, differentiably in ``w``.
+def unflatten(model, w):
+    """The flat vector ``w`` as its layers: one view per parameter tensor, in ``named_parameters()`` order."""
+    return tuple(w[where].view(shape) for _, where, shape in param_slices(model))
 
-    This is what lets FedREDefense and FedDefuse unroll simulated SGD steps and back-propagate through them.
+
+def functional_forward(model, w, x):
+    """``model(x)`` evaluated at the parameters ``w``, differentiably in ``w``: the flat vector, or its layers.
+
+    This is what lets FedREDefense and FedDefuse unroll simulated SGD steps and back-propagate through them. The
+    unrolled training passes layers (``unflatten``): autograd through slices of one flat vector builds a
+    zero-filled full-size gradient for every slice, and did 59% of the work of a CIFAR-CNN reconstruction.
     """
-    params, start = {}, 0
-    for name, p in model.named_parameters():
-        params[name] = w[start:start + p.numel()].view_as(p)
-        start += p.numel()
-    return functional_call(model, params, (x,))
+    layers = unflatten(model, w) if isinstance(w, torch.Tensor) else w
+    names = (name for name, _ in model.named_parameters())
+    return functional_call(model, dict(zip(names, layers)), (x,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
