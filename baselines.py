@@ -358,12 +358,12 @@ class RobustDefense:
         if rule not in ROBUST:
             raise ValueError(f"unknown robust rule {rule!r}; expected one of {ROBUST}")
         self.rule, self.f, self.norm_bound = rule, assumed_malicious, norm_bound
-        self.warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
-        self.warned = False
+        self.warn, self.warned = warn, False  # warn: where the fallback is said (default: stderr)
 
     def fallback(self, message):
         if not self.warned:
-            self.warn(f"{self.rule}: {message} (said once per run)")
+            message = f"{self.rule}: {message} (said once per run)"
+            self.warn(message) if self.warn else print(message, file=sys.stderr, flush=True)
             self.warned = True
 
     def __call__(self, updates, rnd):

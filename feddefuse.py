@@ -23,6 +23,7 @@ The server runs a divide-and-compute pipeline on every round's updates ``[n_clie
    ``python feddefuse.py replay RUN/replay.pt --n-representatives 1 5 10`` (RUN from ``run.py --save-replay``).
 """
 import argparse
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -124,8 +125,9 @@ def recoverability(model, w_global, updates, candidate, surrogate, hp):
 
     objective_i = ||theta~ - theta^r - Delta_i||^2 / ||Delta_i||^2 + lambda * KL(D~_i, D_i^s), with theta~ the
     result of tau~ simulated SGD steps on D~_i at rate eta_l (the simulation FedREDefense uses). R(Delta_i) is the
-    lowest objective evaluated ("the optimal objective value"): K + 1 evaluations around K Adam steps. Returns
-    (R [n], refined stacked candidates).
+    lowest objective evaluated ("the optimal objective value"): K + 1 evaluations around K Adam steps; R stays inf
+    for a client whose every evaluation overflowed (NaN), and the clients are independent, so one client's
+    overflow leaves the others' R as it was. Returns (R [n], refined stacked candidates).
     eta_l is kept >= 0 (the paper does not constrain it): the candidates persist across rounds, and a client that
     always sends -Delta would otherwise drift to a negative learning rate that recovers its flipped update exactly.
     """
@@ -135,7 +137,7 @@ def recoverability(model, w_global, updates, candidate, surrogate, hp):
     for k in range(hp.outer_iters + 1):
         objective = (reconstruction_error(simulated_updates(model, w_global, *params, hp.sim_steps), updates)
                      + hp.kl_weight * kl_to_surrogate(params[1], surrogate.label_logits))
-        best = torch.minimum(best, objective.detach().cpu())
+        best = torch.fmin(best, objective.detach().cpu())  # a NaN (overflowed) evaluation does not count
         if k == hp.outer_iters:
             break
         opt.zero_grad()
@@ -448,8 +450,23 @@ class FedDefuse:
         self.replay = []
 
     def __call__(self, updates, rnd):
-        hp = self.hp
+        """A client whose R could not be evaluated (inf: its objective overflowed at every evaluation, e.g. an
+        update whose squared norm exceeds float32) is rejected and left out of Algorithm 2, where it would become a
+        malicious representative at an overflowing distance; the others go through as if it had not been sent."""
         r = self.recoverability_of(updates, rnd)
+        ok = torch.isfinite(r)
+        if ok.all():
+            return self.filter(updates, r, rnd)
+        accepted = torch.zeros(len(updates), dtype=torch.bool)
+        if not ok.any():
+            return fl.Decision(update=torch.zeros_like(updates[0]), accepted=accepted, errors=r)
+        decision = self.filter(updates[ok.to(updates.device)], r[ok], fl.subset_round(rnd, ok))
+        accepted[ok] = decision.accepted
+        return dataclasses.replace(decision, accepted=accepted, errors=r)
+
+    def filter(self, updates, r, rnd):
+        """Alg. 1 line 13 (the split by R), Algorithm 2 and eq. 11 for the round's updates with their R."""
+        hp = self.hp
         benign_idx, malicious_idx = split_by_recoverability(r)
         coeffs = dwt_lowpass(updates, hp.wavelet, hp.level)
         knobs = {k: getattr(hp, k) for k in ALGORITHM2}

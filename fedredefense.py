@@ -211,9 +211,7 @@ class FedREDefense:
         if self.aggregate is None:
             update = fl.fedavg(kept)
         else:
-            update = self.aggregate(kept, dataclasses.replace(
-                rnd, clients=[c for c, a in zip(rnd.clients, accepted.tolist()) if a], sizes=rnd.sizes[accepted],
-                malicious=rnd.malicious[accepted])).update
+            update = self.aggregate(kept, fl.subset_round(rnd, accepted)).update
         return fl.Decision(update=update, accepted=accepted, expel=flagged, errors=errors, iterations=iterations)
 
     def attacker_test(self, client, rnd):

@@ -7,6 +7,7 @@ Conventions (used by every module):
 - A client's update is ``g_i = w_i - w_global`` (FedREDefense eq. 2 notation; FedDefuse writes Delta_i).
 - A round's updates are one tensor ``[n_clients, n_params]``.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -165,6 +166,12 @@ class Round:
     w_global: torch.Tensor  # w^{t-1}, the model the participants started from ([G, d]: an ensemble, FLCert)
     sizes: torch.Tensor     # |D_i| of each participant (FedDefuse eq. 11 weights)
     malicious: torch.Tensor  # ground truth (attacking this round); read by the `oracle` defense only
+
+
+def subset_round(rnd, keep):
+    """The Round of the participants where the bool mask ``keep`` holds (their rows, in order)."""
+    return dataclasses.replace(rnd, clients=[c for c, k in zip(rnd.clients, keep.tolist()) if k],
+                               sizes=rnd.sizes[keep], malicious=rnd.malicious[keep])
 
 
 @dataclass
