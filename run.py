@@ -56,6 +56,8 @@ DEFAULT_CLIENTS = {"digits": 25}
 DEFAULT_ROUNDS = {"digits": 40}
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
 BACKDOOR_TARGET = 0     # App. A.2
+CHECKPOINT = "checkpoint.pt"
+OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run writes in --out
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -117,7 +119,12 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--save-replay", action="store_true",
                    help="feddefuse: also write replay.pt, each round's Algorithm 2 inputs (feddefuse.replay)")
-    p.add_argument("--out", help="output folder for results.json and results.png (default: runs/<setting>)")
+    p.add_argument("--out", help="output folder for results.json, results.png and checkpoint.pt (default: "
+                                 "runs/<setting>); a folder holding this same run's checkpoint resumes it")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last finished round, with the "
+                                                   "settings it was started with (other flags are ignored)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's results in --out (without it such a folder is refused)")
     p.add_argument("--summarize", nargs="+", metavar="RUN",
                    help="print the tables of earlier runs (folders or results.json files) and exit; a grid's folder: "
                         "(re)write its summary.md and summary.csv")
@@ -129,7 +136,7 @@ def parse_args(argv=None):
     grid.add_argument("--print-commands", action="store_true",
                       help="print one self-contained command per cell still to run, and exit")
     args = p.parse_args(argv)
-    if args.summarize:
+    if args.summarize or args.resume:
         return args
 
     args.protocol = args.protocol or ("feddefuse" if args.defense == "feddefuse" else "fedredefense")
@@ -360,8 +367,14 @@ def starting_models(w, groups, clients):
     return w if groups is None else w[[groups[c] for c in clients]]
 
 
-def run(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+def device_of(args):
+    return torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args, checkpoint=None):
+    """The round loop (FedREDefense Alg. 1 / FedDefuse Alg. 1 around any defense); ``checkpoint`` (the state
+    ``save_checkpoint`` wrote after some round) continues a run from there. Returns results.json's content."""
+    device = device_of(args)
     torch.manual_seed(args.seed)
     ds = data.load_dataset(args.dataset, args.data_dir, args.download, args.seed)
     x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
@@ -379,11 +392,18 @@ def run(args):
     if groups is not None:
         w = w_init.repeat(defense.n_groups, 1)
     rng = torch.Generator().manual_seed(args.seed)  # sampling and attack schedule
-    marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
     expelled, rounds, start = set(), [], time.time()
+    if checkpoint is not None:
+        w, defense, expelled = checkpoint["w"], checkpoint["defense"], checkpoint["expelled"]
+        rounds = checkpoint["rounds"]
+        rng.set_state(checkpoint["rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        start -= checkpoint["seconds"]
+        print(f"resuming {args.out} after round {len(rounds)}", flush=True)
+    marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
     print(f"threat model: {threat_model(args)}", flush=True)
 
-    for t in range(args.rounds):
+    for t in range(len(rounds), args.rounds):
         tic = time.time()
         available = [c for c in range(args.clients) if c not in expelled]
         clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng,
@@ -460,6 +480,9 @@ def run(args):
             "seconds": time.time() - tic,
         }
         rounds.append(record)
+        save_checkpoint(args.out, {"config": config_of(args), "rounds": rounds, "w": w, "defense": defense,
+                                   "expelled": expelled, "rng": rng.get_state(), "torch_rng": torch.get_rng_state(),
+                                   "seconds": time.time() - start})
         recent = [r["seconds"] for r in rounds[1:][-10:]]  # round 1 (first reconstructions) is unlike the rest
         print(progress_line(record, args.rounds, sum(recent) / len(recent) if recent else None), flush=True)
 
@@ -507,6 +530,64 @@ def write_atomically(path, write):
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(out, state):
+    """After every round: all the next round depends on (global model, the defense with its state, the RNG
+    states, the rounds so far), written atomically, so a run killed at any moment resumes from its last round."""
+    os.makedirs(out, exist_ok=True)
+    write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(out, device):
+    """The checkpoint in ``out``, or None."""
+    path = os.path.join(out, CHECKPOINT)
+    return torch.load(path, map_location=device, weights_only=False) if os.path.exists(path) else None
+
+
+def same_run(config, other):
+    """Two configs describe the same run wherever their folder is."""
+    return {**config, "out": None} == {**other, "out": None}
+
+
+def previous_run(args):
+    """Whether ``--out`` holds this same run's checkpoint, to resume from. Another run's results there are
+    refused in one line, or cleared with ``--overwrite``."""
+    checkpoint = load_checkpoint(args.out, "cpu")
+    found = checkpoint["config"] if checkpoint else results_config(args.out)
+    if found is None:
+        return False
+    if same_run(found, config_of(args)):
+        return checkpoint is not None
+    if not args.overwrite:
+        changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
+                            for k in sorted(config_of(args)) if k != "out" and found.get(k) != getattr(args, k))
+        sys.stderr.write(f"run.py: error: argument --out: {args.out} holds another run's results ({changed}); "
+                         f"give --overwrite to replace them, or another --out\n")
+        sys.exit(2)
+    for name in OUTPUTS:
+        if os.path.exists(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
+    return False
+
+
+def resumed_args(out):
+    """The settings of the run whose checkpoint is in ``out`` (``--resume``)."""
+    checkpoint = load_checkpoint(out, "cpu")
+    if checkpoint is None:
+        sys.stderr.write(f"run.py: error: argument --resume: {out} holds no {CHECKPOINT}\n")
+        sys.exit(2)
+    return argparse.Namespace(**{**checkpoint["config"], "out": out, "summarize": None, "table": None,
+                                 "jobs": None, "print_commands": False, "resume": None, "overwrite": False})
+
+
+def results_config(out):
+    """The config recorded in ``out``'s results.json, or None."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def write_text(path, text):
@@ -684,7 +765,8 @@ def grid_cells(axes, root):
 
 def config_of(args):
     """The run's settings as results.json records them (the grid compares them to decide what is done)."""
-    return {k: v for k, v in vars(args).items() if k not in ("summarize", "table", "jobs", "print_commands")}
+    return {k: v for k, v in vars(args).items()
+            if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
 
 
 def parse_cell(argv):
@@ -699,11 +781,7 @@ def parse_cell(argv):
 
 def is_complete(out, config):
     """A cell is done when its results.json (written atomically, at the end of a run) holds this config."""
-    try:
-        with open(os.path.join(out, "results.json")) as f:
-            return json.load(f)["config"] == config
-    except (OSError, ValueError, KeyError):
-        return False
+    return results_config(out) == config
 
 
 def run_cell(argv, out, env):
@@ -918,8 +996,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
+    if args.resume:
+        args = resumed_args(args.resume)
+    checkpoint = load_checkpoint(args.out, device_of(args)) if previous_run(args) else None
     try:
-        results = run(args)
+        results = run(args, checkpoint)
     except data.DataError as e:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)
