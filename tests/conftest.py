@@ -1,4 +1,5 @@
 """Shared test set-up. Makes the flat modules at the repository root importable, whatever the working directory."""
+import os
 import sys
 from pathlib import Path
 
@@ -32,3 +33,7 @@ def digits_round():
     updates = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
                                            fl.LOCAL_LR["digits"], g) for c in range(4)])
     return model, w, updates, torch.tensor([len(parts[c]) for c in range(4)])
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n: one intra-op thread per worker, or they fight over the cores
+    torch.set_num_threads(1)

@@ -74,8 +74,8 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
     monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: batch)
     hp = dataclasses.replace(HP, gamma=0.0)  # no early stop: every client takes all its steps
     gen = torch.Generator().manual_seed(5)
-    k = fr.Knowledge(torch.randn(3, HP.n_images, 1, 8, 8, generator=gen), torch.randn(3, HP.n_images, 10, generator=gen),
-                     HP.alpha_init * torch.tensor([1.0, 1.5, 0.5]))
+    k = fr.Knowledge(torch.randn(3, HP.n_images, 1, 8, 8, generator=gen),
+                     torch.randn(3, HP.n_images, 10, generator=gen), HP.alpha_init * torch.tensor([1.0, 1.5, 0.5]))
     errors, learned, iterations = fr.reconstruct(model, w, updates[:3], k, torch.full((3,), 6), hp)
     assert iterations.tolist() == [7, 7, 7]
     for i, k_i in enumerate(k.unstack()):

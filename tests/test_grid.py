@@ -16,8 +16,8 @@ import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the grid and a lone run with the same threads: comparable bits
-GRID = ["--defense", "fedavg,median", "--attack", "none,fang", "--seed", "0,1", "--clients", "6", "--malicious", "2",
-        "--rounds", "3", "--jobs", "2"]
+GRID = ["--defense", "median", "--attack", "none,fang", "--seed", "0,1", "--clients", "6", "--malicious", "2",
+        "--rounds", "2", "--jobs", "2"]
 
 
 def run_py(*argv, **kw):
@@ -36,8 +36,9 @@ def strip(results):
             "config": {**results["config"], "out": ""}}
 
 
-def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_missing_cells(tmp_path):
-    """Acceptance 1: a 2 x 2 x 2 grid gives 8 cell folders, summary.md and an 8-row summary.csv; a grid killed
+def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_missing_cells(tmp_path,
+                                                                                               capsys):
+    """Acceptance 1: a 2 x 2 grid (attacks x seeds) gives 4 cell folders, summary.md and a 4-row summary.csv; a grid killed
     mid-way and rerun runs only the cells that had not finished; rerunning a finished grid runs nothing."""
     out = tmp_path / "grid"
     grid = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *GRID, "--out", str(out)], cwd=ROOT, env=ENV,
@@ -48,34 +49,33 @@ def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_m
     os.killpg(grid.pid, signal.SIGKILL)  # the grid and the cells it is running
     grid.wait()
     before = done(out)
-    assert 1 <= len(before) < 8
+    assert 1 <= len(before) < 4
 
     resumed = run_py(*GRID, "--out", str(out))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"8 cells: {len(before)} already done, 0 invalid, {8 - len(before)} to run" in resumed.stdout
+    assert f"4 cells: {len(before)} already done, 0 invalid, {4 - len(before)} to run" in resumed.stdout
     after = done(out)
-    assert len(after) == 8 and all(after[cell] == mtime for cell, mtime in before.items())
-    assert len([line for line in resumed.stdout.splitlines() if line.startswith("[")]) == 8 - len(before)
+    assert len(after) == 4 and all(after[cell] == mtime for cell, mtime in before.items())
+    assert len([line for line in resumed.stdout.splitlines() if line.startswith("[")]) == 4 - len(before)
 
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"done"}
-    assert sorted((r["defense"], r["attack"], r["seed"]) for r in rows) == sorted(
-        (d, a, s) for d in ("fedavg", "median") for a in ("none", "fang") for s in ("0", "1"))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
+    assert sorted((r["attack"], r["seed"]) for r in rows) == sorted(
+        (a, s) for a in ("none", "fang") for s in ("0", "1"))
     summary = (out / "summary.md").read_text()
-    assert "| defense | none | fang | worst case |" in summary and "± " in summary
+    assert "| defense | none | fang | worst case |" in summary and "| median | " in summary and "± " in summary
 
-    again = run_py(*GRID, "--out", str(out))
-    assert "8 cells: 8 already done, 0 invalid, 0 to run" in again.stdout and done(out) == after
+    assert run.main(GRID + ["--out", str(out)]) == 0  # nothing left to run: no cell process starts
+    assert "4 cells: 4 already done, 0 invalid, 0 to run" in capsys.readouterr().out and done(out) == after
 
 
 def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path):
     """Acceptance 2: an invalid combination (LIE with 4 attackers of 6) fails alone: its error is in the summary,
     the other cell runs, and the exit code is non-zero."""
     out = tmp_path / "grid"
-    result = run_py("--attack", "lie,fang", "--defense", "fedavg", "--clients", "6", "--malicious", "4",
-                    "--rounds", "1", "--jobs", "1", "--out", str(out))
-    assert result.returncode == 1
+    assert run.main(["--attack", "lie,fang", "--defense", "fedavg", "--clients", "6", "--malicious", "4",
+                     "--rounds", "1", "--jobs", "1", "--out", str(out)]) == 1
     assert set(done(out)) == {"attack-fang"}
     summary = (out / "summary.md").read_text()
     assert "Failed cells:" in summary and "`attack-lie`: run.py: error: argument --attack" in summary
@@ -85,21 +85,22 @@ def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path):
     assert rows["attack-fang"]["status"] == "done"
 
 
-def test_a_cell_run_by_the_grid_equals_the_same_cell_run_alone_and_printed_commands_run_the_rest(tmp_path):
+def test_a_cell_run_by_the_grid_equals_the_same_cell_run_alone_and_printed_commands_run_the_rest(tmp_path, capsys):
     """Acceptance 3, and --print-commands: one self-contained line per cell still to run; running a printed line
     by hand gives that cell's results, the same as the grid's own run of it (timings aside), and --summarize
     merges it."""
     out = tmp_path / "grid"
     flags = ["--defense", "fedavg", "--attack", "scaling,fang", "--clients", "6", "--malicious", "2", "--rounds", "2"]
-    printed = run_py(*flags, "--print-commands", "--out", str(out)).stdout.splitlines()
-    assert len(printed) == 2 and not done(out)
-    command = shlex.split(printed[0])
+    printed = lambda: run.main(flags + ["--print-commands", "--out", str(out)]) or capsys.readouterr().out.splitlines()
+    first = printed()
+    assert len(first) == 2 and not done(out)
+    command = shlex.split(first[0])
     assert command[:2] == ["python", "run.py"] and command[-2:] == ["--out", str(out / "attack-scaling")]
-    assert run_py(*command[2:]).returncode == 0
-    assert len(run_py(*flags, "--print-commands", "--out", str(out)).stdout.splitlines()) == 1
+    assert run_py(*command[2:]).returncode == 0  # the printed line, run as it is
+    assert len(printed()) == 1
 
-    summarized = run_py("--summarize", str(out))
-    assert summarized.returncode == 0 and "| fedavg |" in summarized.stdout and (out / "summary.csv").exists()
+    run.main(["--summarize", str(out)])
+    assert "| fedavg |" in capsys.readouterr().out and (out / "summary.csv").exists()
 
     by_hand = json.loads((out / "attack-scaling" / "results.json").read_text())
     assert run_py(*flags, "--jobs", "2", "--out", str(tmp_path / "again")).returncode == 0
@@ -119,7 +120,9 @@ def test_every_paper_table_expands_into_valid_cells(table, cells, tmp_path):
 
 @pytest.mark.parametrize("argv, flag", [(["--table", "fedredefense-9"], "--table"),
                                         (["--seed", "0,1", "--jobs", "0"], "--jobs")])
-def test_bad_grid_flags_get_one_line_and_exit_code_2(argv, flag, tmp_path):
-    result = run_py(*argv, "--out", str(tmp_path / "grid"))
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith(f"run.py: error: argument {flag}:")
+def test_bad_grid_flags_get_one_line_and_exit_code_2(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(argv + ["--out", str(tmp_path / "grid")])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"run.py: error: argument {flag}:")
