@@ -255,7 +255,8 @@ def plain_reconstruction(model, w0, g, knowledge, iters, hp):
 
 def benchmark(device="cpu", clients=(1, 10, 25), iters=4):
     """Client outer-iterations per second of ``reconstruct`` and of ``plain_reconstruction`` (one client after
-    another) on the CNNs of Tables 5 and 6, the same random updates and K^0, and their ratio.
+    another) on the CNNs of Tables 5 and 6 and the digits CNN of the default run, the same random updates and K^0,
+    and their ratio.
 
     Every client runs all ``iters`` outer steps (gamma = 0 disables the early stop) and every evaluation of the
     unrolled training counts, iters + 1 per client. Usage: ``python fedredefense.py [cpu|cuda]``.
@@ -272,7 +273,7 @@ def benchmark(device="cpu", clients=(1, 10, 25), iters=4):
         return n * (iters + 1) / (time.perf_counter() - start)
 
     print(f"{device}, {torch.get_num_threads()} threads; client outer iterations/s")
-    for channels, side, dataset in ((1, 28, "fmnist"), (3, 32, "cifar10")):
+    for channels, side, dataset in ((1, 28, "fmnist"), (3, 32, "cifar10"), (1, 8, "digits")):
         hp = dataclasses.replace(HYPER[dataset], first_iters=iters, max_iters=iters, gamma=0.0)
         model = fl.CNN(channels, side).to(device).requires_grad_(False)
         w = fl.flatten_params(model)
@@ -283,7 +284,7 @@ def benchmark(device="cpu", clients=(1, 10, 25), iters=4):
             reconstruct(model, w, g, k, torch.full((n,), 1), hp)  # warm-up
             fast = rate(lambda: reconstruct(model, w, g, k, torch.full((n,), iters), hp), n)
             plain = rate(lambda: [plain_reconstruction(model, w, g[i], k0, iters, hp) for i in range(n)], n)
-            print(f"{channels}x{side}x{side} CNN ({len(w):>9,} parameters), {n:>3} clients: reconstruct "
+            print(f"{channels}x{side:>2}x{side:<2} CNN ({len(w):>9,} parameters), {n:>3} clients: reconstruct "
                   f"{fast:6.1f}, plain loop {plain:6.1f}, ratio {fast / plain:4.2f}", flush=True)
 
 
