@@ -21,18 +21,31 @@ def single_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def digits_round():
-    """Round 0 on digits (25 clients, beta 0.1): the model, w^0, and the genuine updates and sizes of clients 0-3."""
+def genuine_round(n_clients, n_updates):
+    """Round 0 on digits (n_clients clients, beta 0.1): the model, w^0, the dataset, and the genuine updates and
+    data sizes of clients 0 .. n_updates - 1."""
     torch.manual_seed(0)
     ds = data.load_dataset("digits")
-    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
+    parts = data.dirichlet_partition(ds.y_train, n_clients, 0.1, 0)
     model = fl.CNN(1, 8, 10)
     w = fl.flatten_params(model)
     g = torch.Generator().manual_seed(0)
     updates = torch.stack([fl.local_update(model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
-                                           fl.LOCAL_LR["digits"], g) for c in range(4)])
-    return model, w, updates, torch.tensor([len(parts[c]) for c in range(4)])
+                                           fl.LOCAL_LR["digits"], g) for c in range(n_updates)])
+    return model, w, ds, updates, torch.tensor([len(parts[c]) for c in range(n_updates)])
+
+
+@pytest.fixture(scope="session")
+def digits_round():
+    """25 clients, the updates of clients 0-3: (model, w^0, updates, sizes)."""
+    model, w, _, updates, sizes = genuine_round(25, 4)
+    return model, w, updates, sizes
+
+
+@pytest.fixture(scope="session")
+def digits_round_of_8():
+    """8 clients, all their updates: (model, w^0, dataset, updates)."""
+    return genuine_round(8, 8)[:4]
 
 
 if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n: one intra-op thread per worker, or they fight over the cores

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import attacks
-import data
 import fedredefense
 import feddefuse
 import fl
@@ -23,19 +22,6 @@ import run
 
 TINY = ["--clients", "6", "--malicious", "2", "--rounds", "3"]
 FAULTS = ("zero", "huge", "overflow", "single", "identical", "all-malicious")
-
-
-@pytest.fixture(scope="module")
-def genuine():
-    """Round 0 on digits with 8 clients: the model, w^0, the dataset and the 8 genuine updates."""
-    torch.manual_seed(0)
-    ds = data.load_dataset("digits")
-    parts = data.dirichlet_partition(ds.y_train, 8, 0.1, 0)
-    model = fl.CNN(1, 8, 10)
-    w = fl.flatten_params(model)
-    updates = torch.stack([fl.local_update(model, w, ds.x_train[p], ds.y_train[p], fl.LOCAL_LR["digits"],
-                                           torch.Generator().manual_seed(c)) for c, p in enumerate(parts)])
-    return model, w, ds, updates
 
 
 def faulty_round(fault, updates):
@@ -75,7 +61,7 @@ ADMITS_HUGE = ("rfa", "fldetector", "foolsgold", "feddmc", "fedcpa", "freqfed")
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("defense_name", run.DEFENSES)
-def test_every_defense_survives_every_fault(defense_name, fault, genuine, monkeypatch, tmp_path):
+def test_every_defense_survives_every_fault(defense_name, fault, digits_round_of_8, monkeypatch, tmp_path):
     """Two rounds of the fault (state carried over, as in the loop): no exception, a finite aggregate of the
     global model's shape (the zero update being the explicit "no update this round") and an accepted mask over
     the round where the defense decides per client. The 1e12-norm update: every defense but FedAvg and
@@ -86,7 +72,7 @@ def test_every_defense_survives_every_fault(defense_name, fault, genuine, monkey
     them first; test_run). Budgets are cut (``small_budgets``): the verdicts on genuine updates do not matter here.
     """
     small_budgets(monkeypatch)
-    model, w, ds, updates = genuine
+    model, w, ds, updates = digits_round_of_8
     args = run.parse_args(["--clients", "8", "--malicious", "3", "--defense", defense_name, "--out", str(tmp_path)])
     defense = run.make_defense(args, model, ds, ds.x_train, ds.y_train, w, "cpu")
     rows, malicious, faulty = faulty_round(fault, updates)
@@ -110,10 +96,10 @@ def test_every_defense_survives_every_fault(defense_name, fault, genuine, monkey
             assert not decision.accepted[faulty], f"{defense_name} accepted the 1e12-norm update"
 
 
-def test_a_nan_in_one_clients_reconstruction_flags_it_and_leaves_the_others_alone(genuine):
+def test_a_nan_in_one_clients_reconstruction_flags_it_and_leaves_the_others_alone(digits_round_of_8):
     """An optimisation that produces NaN (here: a NaN learning rate in one client's K) fails that client only:
     it is flagged, and the other clients' errors, K and iterations equal a round reconstructed without it."""
-    model, w, _, updates = genuine
+    model, w, _, updates = digits_round_of_8
     hp = fedredefense.dataclasses.replace(fedredefense.HYPER["digits"], first_iters=30, max_iters=30)
     k0 = fedredefense.initial_knowledge((1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
     k = fedredefense.Knowledge.stack([k0] * 3)
