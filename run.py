@@ -551,14 +551,14 @@ def same_run(config, other):
 
 
 def previous_run(args):
-    """Whether ``--out`` holds this same run's checkpoint, to resume from. Another run's results there are
-    refused in one line, or cleared with ``--overwrite``."""
-    checkpoint = load_checkpoint(args.out, "cpu")
+    """This same run's checkpoint in ``--out``, on the run's device, to resume from; or None. Another run's
+    results there are refused in one line, or cleared with ``--overwrite``."""
+    checkpoint = load_checkpoint(args.out, device_of(args))
     found = checkpoint["config"] if checkpoint else results_config(args.out)
     if found is None:
-        return False
+        return None
     if same_run(found, config_of(args)):
-        return checkpoint is not None
+        return checkpoint
     if not args.overwrite:
         changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
                             for k in sorted(config_of(args)) if k != "out" and found.get(k) != getattr(args, k))
@@ -568,7 +568,7 @@ def previous_run(args):
     for name in OUTPUTS:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
-    return False
+    return None
 
 
 def resumed_args(out):
@@ -998,9 +998,8 @@ def main(argv=None):
         return summarize(args.summarize)
     if args.resume:
         args = resumed_args(args.resume)
-    checkpoint = load_checkpoint(args.out, device_of(args)) if previous_run(args) else None
     try:
-        results = run(args, checkpoint)
+        results = run(args, previous_run(args))
     except data.DataError as e:
         sys.stderr.write(f"run.py: error: {e}\n")
         sys.exit(2)
