@@ -577,8 +577,8 @@ def resumed_args(out):
     if checkpoint is None:
         sys.stderr.write(f"run.py: error: argument --resume: {out} holds no {CHECKPOINT}\n")
         sys.exit(2)
-    return argparse.Namespace(**{**checkpoint["config"], "out": out, "summarize": None, "table": None,
-                                 "jobs": None, "print_commands": False, "resume": None, "overwrite": False})
+    defaults = vars(parse_args(["--resume", out]))  # the flags a config does not record, at their defaults
+    return argparse.Namespace(**{**defaults, **checkpoint["config"], "out": out, "resume": None})
 
 
 def results_config(out):

@@ -35,6 +35,16 @@ def genuine_round(n_clients, n_updates):
     return model, w, ds, updates, torch.tensor([len(parts[c]) for c in range(n_updates)])
 
 
+@pytest.fixture
+def small_detection(monkeypatch):
+    """Digits' detection settings shrunk so that a 2-3 round run reaches every part of every detection baseline:
+    FLDetector detects (window 1, no cold start) and restarts, Auror clusters after 1 round, FLCert has 3 groups."""
+    import baselines
+    monkeypatch.setitem(baselines.DETECTION_HYPER, "digits", {
+        "fldetector_window": 1, "fldetector_cold_start": 0, "flcert_groups": 3, "auror_warmup": 1,
+        "auror_alpha": 0.01})
+
+
 @pytest.fixture(scope="session")
 def digits_round():
     """25 clients, the updates of clients 0-3: (model, w^0, updates, sizes)."""

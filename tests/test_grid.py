@@ -36,10 +36,10 @@ def strip(results):
             "config": {**results["config"], "out": ""}}
 
 
-def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_missing_cells(tmp_path,
-                                                                                               capsys):
-    """Acceptance 1: a 2 x 2 grid (attacks x seeds) gives 4 cell folders, summary.md and a 4-row summary.csv; a grid killed
-    mid-way and rerun runs only the cells that had not finished; rerunning a finished grid runs nothing."""
+def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_missing_cells(tmp_path, capsys):
+    """Acceptance 1: a 2 x 2 grid (attacks x seeds) gives 4 cell folders, summary.md and a 4-row summary.csv; a
+    grid killed mid-way and rerun runs only the cells that had not finished; rerunning a finished grid runs
+    nothing."""
     out = tmp_path / "grid"
     grid = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *GRID, "--out", str(out)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -210,10 +210,6 @@ class Spy:
         return decision
 
 
-SMALL_DETECTION = {"fldetector_window": 1, "fldetector_cold_start": 0, "flcert_groups": 3, "auror_warmup": 1,
-                   "auror_alpha": 0.01}  # FLDetector's detection and restart, and Auror's clustering, within 3 rounds
-
-
 def check_decisions(defense, log):
     """Every aggregate finite (TACC is then computed from a finite model); the rules that select or filter
     report whom they accepted, the others nothing; Krum accepts exactly one update."""
@@ -251,10 +247,9 @@ class Capture:
 
 
 @pytest.mark.parametrize("defense", run.baselines.ROBUST + run.baselines.DETECTION)
-def test_every_baseline_survives_every_attack_with_a_finite_model(defense, attacked_rounds, monkeypatch, tmp_path):
+def test_every_baseline_survives_every_attack_with_a_finite_model(defense, attacked_rounds, small_detection, tmp_path):
     """Each baseline, built as the round loop builds it, for three rounds of each attack's round 1 (its state
     carried over). FLCert's ensemble in the loop: the next test."""
-    monkeypatch.setitem(run.baselines.DETECTION_HYPER, "digits", SMALL_DETECTION)
     ds = run.data.load_dataset("digits")
     model = run.fl.CNN(1, 8, 10)
     for attack, (updates, rnd) in sorted(attacked_rounds.items()):
@@ -268,10 +263,10 @@ def test_every_baseline_survives_every_attack_with_a_finite_model(defense, attac
 
 
 @pytest.mark.parametrize("attack", ["mpaf", "gaussian", "adaptive-labelflip"])
-def test_flcert_survives_the_attacks_that_read_the_global_model_in_the_round_loop(attack, monkeypatch, tmp_path):
+def test_flcert_survives_the_attacks_that_read_the_global_model_in_the_round_loop(attack, small_detection, monkeypatch,
+                                                                                 tmp_path):
     """FLCert's global model is an ensemble [G, d]: MPAF and Gaussian craft from it (one row per attacker), and
     the adaptive attacker tests its update on a copy of the ensemble defense."""
-    monkeypatch.setitem(run.baselines.DETECTION_HYPER, "digits", SMALL_DETECTION)
     make, log = run.make_defense, []
     monkeypatch.setattr(run, "make_defense", lambda *a: Spy(make(*a), log))
     run.run(run.parse_args(TINY + ["--rounds", "3", "--defense", "flcert", "--attack", attack, "--out", str(tmp_path)]))
