@@ -53,9 +53,9 @@ def digits_round():
 
 
 @pytest.fixture(scope="session")
-def digits_round_of_8():
-    """8 clients, all their updates: (model, w^0, dataset, updates)."""
-    return genuine_round(8, 8)[:4]
+def digits_round_of_10():
+    """10 clients (FedDefuse's participants a round on digits), all their updates: (model, w^0, dataset, updates)."""
+    return genuine_round(10, 10)[:4]
 
 
 if "PYTEST_XDIST_WORKER" in os.environ:  # pytest -n: one intra-op thread per worker, or they fight over the cores
