@@ -539,10 +539,10 @@ def save_checkpoint(out, state):
     write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(out, device):
-    """The checkpoint in ``out``, or None."""
+def load_checkpoint(out, device, mmap=False):
+    """The checkpoint in ``out``, or None. ``mmap``: its tensors stay on disk until read (to read its config)."""
     path = os.path.join(out, CHECKPOINT)
-    return torch.load(path, map_location=device, weights_only=False) if os.path.exists(path) else None
+    return torch.load(path, map_location=device, weights_only=False, mmap=mmap) if os.path.exists(path) else None
 
 
 def same_run(config, other):
@@ -573,9 +573,13 @@ def previous_run(args):
 
 def resumed_args(out):
     """The settings of the run whose checkpoint is in ``out`` (``--resume``)."""
-    checkpoint = load_checkpoint(out, "cpu")
+    checkpoint = load_checkpoint(out, "cpu", mmap=True)  # the config only: the run loads it on its device
     if checkpoint is None:
         sys.stderr.write(f"run.py: error: argument --resume: {out} holds no {CHECKPOINT}\n")
+        sys.exit(2)
+    if checkpoint["config"]["device"] == "cuda" and not torch.cuda.is_available():
+        sys.stderr.write(f"run.py: error: argument --resume: the run in {out} was started with --device cuda, and "
+                         f"there is no CUDA device here\n")
         sys.exit(2)
     defaults = vars(parse_args(["--resume", out]))  # the flags a config does not record, at their defaults
     return argparse.Namespace(**{**defaults, **checkpoint["config"], "out": out, "resume": None})

@@ -214,3 +214,15 @@ def test_an_out_folder_of_another_run_is_refused_unless_overwrite(tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         run.main(["--resume", str(tmp_path / "nothing")])
     assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="resuming a --device cuda run works here")
+def test_resuming_a_cuda_run_without_cuda_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    run.main(TINY + ["--rounds", "1", "--defense", "median", "--out", str(out)])
+    checkpoint = run.load_checkpoint(str(out), "cpu")
+    torch.save({**checkpoint, "config": {**checkpoint["config"], "device": "cuda"}}, out / run.CHECKPOINT)
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--resume", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in error and "--resume" in error and "--device cuda" in error
