@@ -87,7 +87,7 @@ def test_every_defense_survives_every_fault(defense_name, fault, digits_round_of
             assert decision.accepted.shape == (len(rows),)
         if fault not in ADMITS or defense_name == "fedavg":
             continue
-        if defense_name in ADMITS[fault]:
+        if defense_name in ADMITS[fault] and not (defense_name == "fedcpa" and t > 0):  # FedCPA: round 1 only
             assert t > 0 or decision.update.norm() > 1e3  # pinned: admitted in round 1
             continue
         assert decision.update.norm() < 1e3
