@@ -528,8 +528,12 @@ def progress_line(r, total, seconds_per_round):
 def write_atomically(path, write):
     """Write through a temporary file and rename, so a crash never leaves a half-written result behind."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (an exception; a kill leaves it, to be overwritten next time)
+            os.remove(tmp)
 
 
 def save_checkpoint(out, state):

@@ -156,8 +156,8 @@ def test_same_command_same_results_even_when_stopped_and_resumed(defense, small_
 
 
 def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_round_before(monkeypatch, tmp_path):
-    """A crash half-way through writing round 2's checkpoint leaves round 1's intact (written atomically); the
-    same command then resumes from it and reaches the uninterrupted results."""
+    """A crash half-way through writing round 2's checkpoint leaves round 1's intact (written atomically) and no
+    half-written file; the same command then resumes from it and reaches the uninterrupted results."""
     argv = TINY + ["--defense", "fltrust", "--attack", "lie"]
     run.main(argv + ["--out", str(tmp_path / "whole")])
     real_save = torch.save
@@ -172,6 +172,7 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_round_before
         run.main(argv + ["--out", str(tmp_path / "killed")])
     monkeypatch.setattr(torch, "save", real_save)
     assert len(run.load_checkpoint(str(tmp_path / "killed"), "cpu")["rounds"]) == 1
+    assert sorted(os.listdir(tmp_path / "killed")) == [run.CHECKPOINT]  # the half-written one is gone
     run.main(argv + ["--out", str(tmp_path / "killed")])  # the same command resumes
     killed = results_of(tmp_path / "killed")
     assert killed == {**results_of(tmp_path / "whole"), "config": killed["config"]}
