@@ -3,12 +3,15 @@
 - ``load_dataset`` returns a whole dataset as normalised in-memory tensors. ``digits`` (scikit-learn's 1,797 8x8
   images) is embedded and needs no files; ``mnist``, ``fmnist``, ``cifar10`` and ``cinic10`` are read from their
   real on-disk formats in the layout torchvision writes (torchvision itself is not needed), and are fetched with
-  the standard library only when ``download=True``.
+  the standard library only when ``download=True``. FashionMNIST is also found where Debian and Ubuntu install it
+  (``apt-get install dataset-fashion-mnist``), and its decompressed content is checked against the original files.
+- ``training_subset`` keeps a seeded, class-stratified part of a training set (the laptop scale of run.py).
 - ``dirichlet_partition`` splits the training set over clients as FedREDefense sec. 5.1.1 and its official code do.
 - ``trigger_pixels`` / ``add_trigger`` give the 4-pixel backdoor trigger of the Scaling and DBA attacks (App. A.2).
 
-Facts about the official code are cited from /work/shared/reference/fedredefense-official-code.md ("code sec. N").
+Facts about the FedREDefense authors' code (github.com/xyq7/FedREDefense) are cited as "code sec. N".
 """
+import contextlib
 import gzip
 import hashlib
 import os
@@ -18,6 +21,8 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+import zlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +69,19 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 IDX_FOLDER = {"mnist": "MNIST", "fmnist": "FashionMNIST"}
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 _HINT = "pass --download to fetch them, or --data-dir to point elsewhere"
+
+# Where an operating-system package installs a dataset's original idx files (gzipped), and the package's name.
+SYSTEM_COPIES = {"fmnist": ("/usr/share/datasets/fashion-mnist", "dataset-fashion-mnist")}
+
+# (bytes, md5) of the original idx files, decompressed. The content is checked rather than the archive: Debian
+# recompressed the .gz files, so their md5s differ from the upstream archives' in SOURCES. MNIST's content is
+# checked by its idx header only (its decompressed md5s are not published beside the archives).
+CONTENT = {"fmnist": {
+    "train-images-idx3-ubyte": (47040016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    "train-labels-idx1-ubyte": (60008, "9018921c3c673c538a1fc5bad174d6f9"),
+    "t10k-images-idx3-ubyte": (7840016, "8181f5470baa50b63fa0f6fddb340f0a"),
+    "t10k-labels-idx1-ubyte": (10008, "15d484375f8d13e6eb1aabb0c3f46965"),
+}}
 
 
 class DataError(Exception):
@@ -124,11 +142,35 @@ def load_digits_dataset(seed):
                    torch.from_numpy(y_test).long(), 10)
 
 
-def read_idx(path, magic):
+def read_bytes(path):
+    """The content of ``path``, decompressed if it ends in .gz; a truncated or corrupt file is a DataError."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            return f.read()
+    except EOFError:
+        raise DataError(f"{path} is truncated (its gzip stream ends early)") from None
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path} cannot be read ({' '.join(str(e).split())})") from None
+
+
+def check_content(raw, path, expected):
+    """``raw`` (a file's decompressed bytes) against the original's (bytes, md5), where known."""
+    if expected is None:
+        return
+    size, md5 = expected
+    if len(raw) != size:
+        raise DataError(f"{path} holds {len(raw)} bytes decompressed where the original holds {size} (truncated or "
+                        f"another file)")
+    got = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    if got != md5:
+        raise DataError(f"{path} is corrupted: its content has md5 {got} where the original's is {md5}")
+
+
+def read_idx(path, magic, expected=None):
     """The array in an idx file (plain or .gz): a big-endian uint32 magic (0x803 images, 0x801 labels), one
-    big-endian uint32 per dimension, then the uint8 data."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
+    big-endian uint32 per dimension, then the uint8 data. ``expected``: the original's (bytes, md5) to check."""
+    raw = read_bytes(path)
+    check_content(raw, path, expected)
     ndim = magic & 0xFF
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{path} is not an idx file with magic {magic:#010x}")
@@ -147,23 +189,43 @@ def idx_path(folder, stem):
     return None
 
 
-def load_idx_dataset(name, data_dir, download):
-    """MNIST or FashionMNIST from the idx files in ``<data_dir>/{MNIST,FashionMNIST}/raw`` (torchvision's layout).
+def idx_folders(name, data_dir):
+    """Where MNIST or FashionMNIST is looked for, in order: torchvision's layout ``<data_dir>/<Folder>/raw``,
+    ``data_dir`` itself (the four files directly in it), then the operating system's copy, if the dataset has one."""
+    system = [SYSTEM_COPIES[name][0]] if name in SYSTEM_COPIES else []
+    return [os.path.join(data_dir, IDX_FOLDER[name], "raw"), data_dir] + system
 
-    Both are normalised with the MNIST statistics (0.1307, 0.3081): the official code uses them for FashionMNIST
-    too (code sec. 5).
+
+def load_idx_dataset(name, data_dir, download):
+    """MNIST or FashionMNIST from the first of ``idx_folders`` that holds all four idx files (plain or .gz).
+
+    ``download=True`` fetches whatever is missing into torchvision's layout when no folder is complete. Both are
+    normalised with the MNIST statistics (0.1307, 0.3081): the official code uses them for FashionMNIST too
+    (code sec. 5).
     """
-    folder = os.path.join(data_dir, IDX_FOLDER[name], "raw")
-    if download:
-        for url, md5 in SOURCES[name]:
-            if idx_path(folder, os.path.basename(url).removesuffix(".gz")) is None:
-                fetch(name, url, md5, os.path.join(folder, os.path.basename(url)))
-    missing = [stem for stem in IDX_FILES if idx_path(folder, stem) is None]
-    if missing:
-        raise DataError(f"{name}: expected {IDX_FOLDER[name]} idx files in {folder} (missing {missing[0]}[.gz]; "
-                        f"{_HINT})")
-    x_train, y_train, x_test, y_test = (
-        read_idx(idx_path(folder, stem), 0x803 if "images" in stem else 0x801) for stem in IDX_FILES)
+    folders = idx_folders(name, data_dir)
+    complete = lambda folder: all(idx_path(folder, stem) for stem in IDX_FILES)
+    if download and not any(map(complete, folders)):
+        with removed_on_failure(folders[0]):
+            for url, md5 in SOURCES[name]:
+                if idx_path(folders[0], os.path.basename(url).removesuffix(".gz")) is None:
+                    fetch(name, url, md5, os.path.join(folders[0], os.path.basename(url)))
+    folder = next(filter(complete, folders), None)
+    if folder is None:
+        missing = next(stem for stem in IDX_FILES if idx_path(folders[0], stem) is None)
+        install = (f"install them with 'apt-get install {SYSTEM_COPIES[name][1]}', "
+                   if name in SYSTEM_COPIES else "")
+        raise DataError(f"{name}: expected {IDX_FOLDER[name]} idx files in {' or '.join(folders)} (missing "
+                        f"{missing}[.gz]); {install}{_HINT}")
+    try:
+        x_train, y_train, x_test, y_test = (
+            read_idx(idx_path(folder, stem), 0x803 if "images" in stem else 0x801, CONTENT.get(name, {}).get(stem))
+            for stem in IDX_FILES)
+    except DataError as e:
+        fix = (f"reinstall it with 'apt-get install --reinstall {SYSTEM_COPIES[name][1]}'"
+               if name in SYSTEM_COPIES and folder == SYSTEM_COPIES[name][0] else
+               "delete it and pass --download, or point --data-dir at a good copy")
+        raise DataError(f"{name}: {e}; {fix}") from None
     return Dataset(name, normalise(x_train.unsqueeze(1), name), y_train.long(),
                    normalise(x_test.unsqueeze(1), name), y_test.long(), 10)
 
@@ -229,6 +291,17 @@ def load_cinic10(data_dir, download):
                    len(classes))
 
 
+def training_subset(ds, size, seed):
+    """``ds`` with only ``size`` of its training images: a seeded subset stratified by class (every class keeps its
+    share, scikit-learn's ``train_test_split``), in dataset order; the test set stays whole. None keeps them all."""
+    if size is None or size >= len(ds.y_train):
+        return ds
+    keep, _ = train_test_split(np.arange(len(ds.y_train)), train_size=size, stratify=ds.y_train.numpy(),
+                               random_state=seed)
+    keep = torch.from_numpy(np.sort(keep))
+    return dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Download
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +312,22 @@ def md5sum(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder):
+    """Around a download into ``folder``: if it fails, the folders it created for it (``folder`` and any missing
+    parents) are removed again, so a failed download leaves nothing behind."""
+    created = None
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        created, path = path, os.path.dirname(path)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def fetch(name, url, md5, path):
@@ -273,7 +362,8 @@ def fetch_archive(name, data_dir, target):
     url, md5 = SOURCES[name][0]
     archive = os.path.join(data_dir, os.path.basename(url))
     if not os.path.exists(archive):
-        fetch(name, url, md5, archive)
+        with removed_on_failure(data_dir):
+            fetch(name, url, md5, archive)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=".extract-")
     try:
         try:

@@ -9,6 +9,8 @@ Conventions (used by every module):
 """
 import dataclasses
 import math
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -279,3 +281,31 @@ def malicious_rate(accepted, malicious):
     accepted, malicious = accepted.bool(), malicious.bool()
     n_accepted = int(accepted.sum())
     return int((accepted & malicious).sum()) / n_accepted if n_accepted else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress inside a long round
+# ---------------------------------------------------------------------------------------------------------------
+
+_shown = {"at": 0.0, "open": False}
+
+
+def show_progress(text, every=1.0, every_in_logs=60.0):
+    """Say what a long computation is doing: on a terminal, one line rewritten at most every ``every`` seconds;
+    in a log (stderr not a terminal), one line every ``every_in_logs`` seconds."""
+    tty = sys.stderr.isatty()
+    now = time.monotonic()
+    if now - _shown["at"] < (every if tty else every_in_logs):
+        return
+    _shown["at"] = now
+    sys.stderr.write(f"\r\033[K  {text}" if tty else f"  {text}\n")
+    sys.stderr.flush()
+    _shown["open"] = tty
+
+
+def end_progress():
+    """Clear the progress line, if one is showing, before the next ordinary line."""
+    if _shown["open"]:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+        _shown["open"] = False

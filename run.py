@@ -51,9 +51,25 @@ PROTOCOLS = {
     "fedredefense": {"sampling": "uniform", "knowledge": "partial", "model": "cnn"},  # sec. 3, 5.1, App. B.2
     "feddefuse": {"sampling": "capped", "knowledge": "full", "model": "mlp"},          # sec. 1, 2.2, App. B.1
 }
-# Laptop-scale defaults for the embedded dataset; the paper's scale for the others (FedREDefense sec. 5.1.4).
-DEFAULT_CLIENTS = {"digits": 25}
-DEFAULT_ROUNDS = {"digits": 40}
+# --scale: the clients, rounds, participants and training images a run uses where --clients, --rounds,
+# --participants and --train-size are not given (README "Scales"). paper: 100 clients over the whole training set,
+# 500 rounds (FedREDefense sec. 5.1.4; FedDefuse sec. 4.1), every client in every round under FedREDefense's
+# protocol and 20 a round under FedDefuse's. laptop keeps the paper's client size (1/100 of the training set: 600
+# FashionMNIST images, 16-19 local steps), its 28% of malicious clients and its attacking share, on a seeded
+# stratified subset of the training set: 10 clients under FedREDefense's protocol (a first reconstruction costs up
+# to Table 7's 5000 outer iterations a client, so round 1 alone takes about 20 min on a 2-core CPU), 20 clients
+# with 10 a round under FedDefuse's (A-bar = 0.6 then draws 3-6 of its 6 attackers, 45% on average, as the paper's
+# 6-12 of 20); 50 rounds. Shrinking the clients' data instead of their number would change what FedREDefense
+# reconstructs. The embedded digits set (not in the papers) has one scale: 25 clients, all taking part, 40 rounds.
+SCALES = ("laptop", "paper")
+SCALE = {  # (clients, rounds, participants a round; None: every client)
+    ("paper", "fedredefense"): (100, 500, None), ("paper", "feddefuse"): (100, 500, 20),
+    ("laptop", "fedredefense"): (10, 50, None), ("laptop", "feddefuse"): (20, 50, 10),
+    ("digits", "fedredefense"): (25, 40, None), ("digits", "feddefuse"): (25, 40, None),
+}
+PAPER_CLIENTS = 100  # the paper's client size is 1/100 of the training set
+# Training images of each dataset (the official training sets; digits' 75% split).
+TRAIN_SIZE = {"digits": 1347, "mnist": 60000, "fmnist": 60000, "cifar10": 50000, "cinic10": 90000}
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
 BACKDOOR_TARGET = 0     # App. A.2
 CHECKPOINT = "checkpoint.pt"
@@ -78,7 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="fetch a missing dataset into --data-dir")
     p.add_argument("--defense", choices=DEFENSES, default="fedredefense")
     p.add_argument("--attack", choices=attacks.ATTACKS, default="fang")
-    p.add_argument("--clients", type=int, help="number of clients (default: 25 for digits, 100 otherwise)")
+    p.add_argument("--scale", choices=SCALES, default="laptop",
+                   help="real datasets: laptop (10 clients of the paper's size, 20 with 10 a round under FedDefuse's "
+                        "protocol; 50 rounds) or paper (100 clients, 20 a round under FedDefuse's; 500 rounds); sets "
+                        "--clients, --rounds, --participants and --train-size where not given (default: laptop)")
+    p.add_argument("--clients", type=int, help="number of clients (default: 25 for digits; at --scale laptop 10, "
+                                               "or 20 under FedDefuse's protocol; 100 at paper)")
     p.add_argument("--malicious", type=int, help="number of malicious clients (default: 28%% of --clients)")
     p.add_argument("--assumed-malicious", type=int,
                    help="f of Krum/Multi-Krum, b of Trimmed mean: how many malicious clients the server assumes "
@@ -92,11 +113,17 @@ def parse_args(argv=None):
     p.add_argument("--root-size", type=int, default=100,
                    help="fltrust: examples in the server's root set, drawn from the training data (default: 100, "
                         "FLTrust's; FedREDefense uses 500)")
-    p.add_argument("--rounds", type=int, help="communication rounds (default: 40 for digits, 500 otherwise)")
+    p.add_argument("--rounds", type=int, help="communication rounds (default: 40 for digits; 50 at --scale laptop, "
+                                              "500 at paper)")
+    p.add_argument("--train-size", type=int,
+                   help="training images the clients share: a seeded subset stratified by class (default: all at "
+                        "--scale paper and on digits; at laptop, 1/100 of the training set per client)")
     p.add_argument("--beta", type=float, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
     p.add_argument("--participation", type=float, default=1.0,
                    help="share of all clients sampled per round (default: 1.0)")
-    p.add_argument("--participants", type=int, help="clients per round (overrides --participation)")
+    p.add_argument("--participants", type=int,
+                   help="clients per round (overrides --participation; default under FedDefuse's protocol on a real "
+                        "dataset: 10 at --scale laptop, 20 at paper)")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS),
                    help="whose threat model: sampling, knowledge, model (default: feddefuse for --defense "
                         "feddefuse, fedredefense otherwise)")
@@ -143,18 +170,27 @@ def parse_args(argv=None):
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.clients = args.clients if args.clients is not None else DEFAULT_CLIENTS.get(args.dataset, 100)
+    if args.dataset == "digits" and args.scale == "paper":
+        p.error("argument --scale: digits is not in the papers and has one scale (give laptop, or a real --dataset)")
+    clients, rounds, participants = SCALE["digits" if args.dataset == "digits" else args.scale, args.protocol]
+    args.clients = args.clients if args.clients is not None else clients
     args.malicious = args.malicious if args.malicious is not None else round(MALICIOUS_SHARE * args.clients)
-    args.rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS.get(args.dataset, 500)
+    args.rounds = args.rounds if args.rounds is not None else rounds
+    if args.train_size is None and args.dataset != "digits" and args.scale == "laptop":
+        args.train_size = min(TRAIN_SIZE[args.dataset], args.clients * TRAIN_SIZE[args.dataset] // PAPER_CLIENTS)
     if args.assumed_malicious is None:
         args.assumed_malicious = args.malicious
     if args.participants is None:
-        args.participants = max(1, int(args.participation * args.clients + 1e-9))
+        args.participants = (min(participants, args.clients) if participants and args.participation == 1 else
+                             max(1, int(args.participation * args.clients + 1e-9)))
     checks = [
-        (args.clients >= 2, "--clients", "an integer >= 2", args.clients),
+        (2 <= args.clients <= (args.train_size or TRAIN_SIZE[args.dataset]), "--clients",
+         f"an integer in [2, {args.train_size or TRAIN_SIZE[args.dataset]}] (the training images)", args.clients),
         (0 <= args.malicious < args.clients, "--malicious", f"an integer in [0, {args.clients - 1}]",
          args.malicious),
         (args.rounds >= 1, "--rounds", "an integer >= 1", args.rounds),
+        (args.train_size is None or 1 <= args.train_size <= TRAIN_SIZE[args.dataset], "--train-size",
+         f"an integer in [1, {TRAIN_SIZE[args.dataset]}]", args.train_size),
         (args.root_size >= 1, "--root-size", "an integer >= 1", args.root_size),
         (args.assumed_malicious >= 0, "--assumed-malicious", "an integer >= 0", args.assumed_malicious),
         (args.norm_bound in ("median", "oracle") or is_number(args.norm_bound, at_least=0), "--norm-bound",
@@ -180,8 +216,9 @@ def parse_args(argv=None):
         if most >= args.participants // 2 + 1:
             p.error(f"argument --attack: lie is undefined when attackers are a majority of a round "
                     f"({most} of {args.participants}); lower --malicious or --max-malicious-share")
+    scale = "" if args.dataset == "digits" else f"-{args.scale}"
     args.out = args.out or os.path.join(
-        "runs", f"{args.dataset}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
+        "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
     return args
 
 
@@ -303,7 +340,9 @@ def make_defense(args, model, ds, x_train, y_train, w_init, device):
     """The server's defense, built with what it legitimately knows (its constructor is the only way in)."""
     shape, classes = tuple(ds.x_train.shape[1:]), ds.num_classes
     generator = torch.Generator().manual_seed(args.seed)
-    hp = baselines.DETECTION_HYPER.get(args.dataset)
+    hp = baselines.DETECTION_HYPER[args.dataset]
+    if args.dataset != "digits" and args.scale == "laptop":  # digits' row is already at its laptop scale
+        hp = {**hp, **baselines.LAPTOP_SCALE}
     layers = fl.param_slices(model)
     _, out_weight, out_shape = layers[-2]  # the output layer's weight matrix (out, in); its bias is layers[-1]
     norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
@@ -376,7 +415,8 @@ def run(args, checkpoint=None):
     ``save_checkpoint`` wrote after some round) continues a run from there. Returns results.json's content."""
     device = device_of(args)
     torch.manual_seed(args.seed)
-    ds = data.load_dataset(args.dataset, args.data_dir, args.download, args.seed)
+    ds = data.training_subset(data.load_dataset(args.dataset, args.data_dir, args.download, args.seed),
+                              args.train_size, args.seed)
     x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     parts = data.dirichlet_partition(ds.y_train, args.clients, args.beta, args.seed)
@@ -401,7 +441,7 @@ def run(args, checkpoint=None):
         start -= checkpoint["seconds"]
         print(f"resuming {args.out} after round {len(rounds)}", flush=True)
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
-    print(f"threat model: {threat_model(args)}", flush=True)
+    print(f"threat model: {threat_model(args)}; {scale_of(args)}", flush=True)
 
     for t in range(len(rounds), args.rounds):
         tic = time.time()
@@ -506,6 +546,13 @@ def threat_model(config):
     """One line naming the threat model a run used, for its progress output and every summary table."""
     c = config if isinstance(config, dict) else vars(config)
     return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
+
+
+def scale_of(config):
+    """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
+    c = config if isinstance(config, dict) else vars(config)
+    images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
+    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
 
 
 def per_client(clients, values):
@@ -673,14 +720,14 @@ def summarize(paths):
     for p in paths:
         with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
             runs.append(json.load(f))
-    print("| dataset | defense | attack | pattern | threat model | TACC | ASR | DACC | FPR | FNR | AAR | ADACC | MR "
-          "| MR=0 rounds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dataset | defense | attack | pattern | threat model | scale | TACC | ASR | DACC | FPR | FNR | AAR | ADACC "
+          "| MR | MR=0 rounds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         c, f = r["config"], r["final"]
         aar = "-" if f["aar"] is None else f"{f['aar']:.2f}"
         print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {threat_model(c)} | "
-              f"{pct(f['tacc'])} | "
+              f"{scale_of(c)} | {pct(f['tacc'])} | "
               f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | {aar} | "
               f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
     with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
@@ -709,13 +756,15 @@ LAYOUTS = {"tacc": ("tacc",), "feddefuse": ("tacc", "adacc", "mr"), "detection":
 LABELS = {"tacc": "TACC", "adacc": "DACC", "mr": "MR", "dacc": "DACC", "fpr": "FPR", "fnr": "FNR", "aar": "AAR"}
 
 
-def paper_table(name, dataset):
+def paper_table(name, dataset, scale="laptop"):
     """``--table NAME``: (title, layout, {flag: [values]}), the paper table's defenses x attacks with its settings,
-    scaled to ``dataset``. On digits (25 clients, 40 rounds) FedDefuse's 20 of 100 participants a round become 10
-    of 25 and pattern II attacks the first 10 rounds (as README's FedDefuse tables); other datasets run the papers'
-    scale (100 clients, 500 rounds, 20 participants, 50 attacking rounds)."""
-    digits = dataset == "digits"
-    feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if digits else "20"],
+    scaled to ``dataset`` and ``scale``. At paper scale FedDefuse samples 20 of 100 clients a round and pattern II
+    attacks the first 50 of 500 rounds. On digits (25 clients, 40 rounds) and at laptop scale (20 clients under
+    FedDefuse's protocol, 50 rounds) it samples 10 a round, which keeps its attacking share (A = 6 of 10: 3-6
+    attackers, 45% on average, of the 6-7 malicious clients there are; 20 participants would hold all of them, 30%),
+    and pattern II attacks the first 10 rounds (as README's FedDefuse tables)."""
+    small = dataset == "digits" or scale == "laptop"
+    feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if small else "20"],
                  "--max-malicious-share": ["0.6"]}
     fedredefense_attacks = ["none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba"]
     feddefuse_attacks = ["gaussian", "signflip", "fang", "scaling"]
@@ -733,7 +782,7 @@ def paper_table(name, dataset):
                                                     "feddmc", "fedcpa", "freqfed", "feddefuse"],
                          "--attack": feddefuse_attacks}),
         "feddefuse-2": ("FedDefuse Table 2: TACC (/ASR) under attack patterns II and III", "tacc",
-                        {**feddefuse, "--pattern": ["II", "III"], "--attack-rounds": ["10" if digits else "50"],
+                        {**feddefuse, "--pattern": ["II", "III"], "--attack-rounds": ["10" if small else "50"],
                          "--defense": ["fedavg", "oracle", "fedredefense", "feddefuse"],
                          "--attack": feddefuse_attacks}),
     }
@@ -829,11 +878,11 @@ def run_grid(argv):
               "--seed 0,1,2)")
         return 0
     if table is not None:
-        dataset = dict(axes).get("--dataset", ["digits"])
-        preset = paper_table(table, dataset[0]) if len(dataset) == 1 else None
+        dataset, scale = dict(axes).get("--dataset", ["digits"]), dict(axes).get("--scale", ["laptop"])
+        preset = paper_table(table, dataset[0], scale[0]) if len(dataset) == len(scale) == 1 else None
         if preset is None:
             sys.stderr.write(f"run.py: error: argument --table: must be list, fedredefense-1, fedredefense-2, "
-                             f"feddefuse-1 or feddefuse-2, on one --dataset (got {table})\n")
+                             f"feddefuse-1 or feddefuse-2, on one --dataset and --scale (got {table})\n")
             sys.exit(2)
         title, layout, flags = preset
         axes = list({**flags, **dict(axes)}.items())  # the user's flags override the table's
@@ -964,6 +1013,7 @@ def write_summary(root):
 
     lines = [f"# {grid['title']}", ""] + ([f"Made by `{grid['command']}`.", ""] if "command" in grid else [])
     lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
+              f"Scale: {'; '.join(sorted({scale_of(c) for c in configs}))}. "
               f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
               f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
               f"mean ± std over seeds where there are several.", ""]

@@ -18,6 +18,19 @@ import data
 IDX_STEMS = data.IDX_FILES
 
 
+@pytest.fixture(autouse=True)
+def no_system_copy(tmp_path_factory, monkeypatch):
+    """These tests run on files they write: the operating system's FashionMNIST copy, if installed, is hidden."""
+    monkeypatch.setitem(data.SYSTEM_COPIES, "fmnist",
+                        (str(tmp_path_factory.mktemp("system") / "fashion-mnist"), "dataset-fashion-mnist"))
+
+
+@pytest.fixture
+def fake_fmnist(monkeypatch):
+    """Tiny FashionMNIST files pass: the check of the original content is off."""
+    monkeypatch.delitem(data.CONTENT, "fmnist")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writers of the real formats
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,7 +112,7 @@ def test_digits_split_is_stratified_and_seeded():
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fmnist", "FashionMNIST")])
 @pytest.mark.parametrize("suffix", ["", ".gz"])
-def test_idx_loader(tmp_path, name, folder, suffix):
+def test_idx_loader(tmp_path, name, folder, suffix, fake_fmnist):
     raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)
     arrays = idx_arrays(0)
@@ -124,6 +137,64 @@ def test_idx_plain_and_gz_mixed_and_plain_preferred(tmp_path):
     d = data.load_dataset("mnist", data_dir=str(tmp_path))
     assert d.y_train.tolist() == plain["train-labels-idx1-ubyte"].tolist()
     assert d.y_test.tolist() == plain["t10k-labels-idx1-ubyte"].tolist()
+
+
+def write_idx_files(folder, arrays, suffix=".gz"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in arrays.items():
+        write_idx(folder / (stem + suffix), array)
+
+
+@pytest.mark.parametrize("where", ["data_dir", "system"])
+def test_fmnist_is_found_in_data_dir_itself_and_in_the_system_copy(tmp_path, where, fake_fmnist):
+    arrays = idx_arrays(0)
+    folder = tmp_path / "files" if where == "data_dir" else Path(data.SYSTEM_COPIES["fmnist"][0])
+    write_idx_files(folder, arrays)
+    d = data.load_dataset("fmnist", data_dir=str(tmp_path / "files" if where == "data_dir" else tmp_path / "none"))
+    assert d.y_train.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+
+
+def test_fmnist_torchvision_layout_comes_before_the_system_copy(tmp_path, fake_fmnist):
+    write_idx_files(Path(data.SYSTEM_COPIES["fmnist"][0]), idx_arrays(1))
+    write_idx_files(tmp_path / "FashionMNIST" / "raw", idx_arrays(0))
+    d = data.load_dataset("fmnist", data_dir=str(tmp_path))
+    assert d.y_test.tolist() == idx_arrays(0)["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_fmnist_content_is_checked_against_the_original(tmp_path):
+    write_idx_files(tmp_path / "FashionMNIST" / "raw", idx_arrays(0))
+    with pytest.raises(data.DataError) as error:
+        data.load_dataset("fmnist", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and "train-images-idx3-ubyte.gz" in message
+    assert f"holds {16 + 6 * 28 * 28} bytes decompressed where the original holds 47040016" in message
+    assert "--download" in message
+
+
+def test_fmnist_content_md5_mismatch_names_the_file(tmp_path, monkeypatch):
+    arrays = idx_arrays(0)
+    write_idx_files(tmp_path, arrays, suffix="")
+    sizes = {stem: (tmp_path / stem).stat().st_size for stem in IDX_STEMS}
+    monkeypatch.setitem(data.CONTENT, "fmnist", {stem: (sizes[stem], md5(tmp_path / stem)) for stem in IDX_STEMS})
+    assert data.load_dataset("fmnist", data_dir=str(tmp_path)).x_train.shape == (6, 1, 28, 28)
+    arrays["t10k-images-idx3-ubyte"][0, 0, 0] ^= 1  # one bit of one pixel
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", arrays["t10k-images-idx3-ubyte"])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte is corrupted: its content has md5"):
+        data.load_dataset("fmnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda raw: raw[:len(raw) // 2], "is truncated"),
+    (lambda raw: b"\x1f\x8b" + bytes(len(raw) - 2), "cannot be read"),
+])
+def test_truncated_or_corrupt_gzip_is_a_one_line_data_error(tmp_path, damage, reason):
+    write_idx_files(tmp_path / "MNIST" / "raw", {**idx_arrays(0), "train-images-idx3-ubyte": np.zeros(
+        (300, 28, 28), dtype=np.uint8) + np.arange(28, dtype=np.uint8)})
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(data.DataError, match=reason) as error:
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
 
 
 def test_idx_bad_magic_is_a_data_error(tmp_path):
@@ -178,7 +249,8 @@ def test_missing_files_name_the_path_and_the_flag(tmp_path, name, path):
         data.load_dataset(name, data_dir=str(tmp_path))
     message = str(error.value)
     assert message.startswith(name + ":") and str(tmp_path / path) in message and "--download" in message
-    assert "\n" not in message
+    assert "\n" not in message and "--data-dir" in message
+    assert ("apt-get install dataset-fashion-mnist" in message) == (name == "fmnist")
     assert list(tmp_path.iterdir()) == []  # nothing created without --download
 
 
@@ -202,7 +274,7 @@ def serve_idx(tmp_path, arrays):
     return sources
 
 
-def test_download_idx_fetches_only_what_is_missing(tmp_path, monkeypatch):
+def test_download_idx_fetches_only_what_is_missing(tmp_path, monkeypatch, fake_fmnist):
     arrays = idx_arrays(0)
     sources = serve_idx(tmp_path, arrays)
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
@@ -226,14 +298,22 @@ def test_download_md5_mismatch_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="md5") as error:
         data.load_dataset("mnist", data_dir=str(tmp_path / "data"), download=True)
     assert "\n" not in str(error.value)
-    assert list((tmp_path / "data" / "MNIST" / "raw").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # the folders made for the download are gone too
 
 
 def test_download_failure_is_a_one_line_data_error(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SOURCES, "mnist", [((tmp_path / "nowhere.gz").as_uri(), None)])
+    (tmp_path / "data").mkdir()
     with pytest.raises(data.DataError, match="download of .* failed") as error:
         data.load_dataset("mnist", data_dir=str(tmp_path / "data"), download=True)
-    assert "\n" not in str(error.value) and leftovers(tmp_path / "data") == []
+    assert "\n" not in str(error.value) and list((tmp_path / "data").iterdir()) == []
+
+
+def test_failed_archive_download_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SOURCES, "cifar10", [((tmp_path / "nowhere.tar.gz").as_uri(), None)])
+    with pytest.raises(data.DataError, match="download of .* failed"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path / "data" / "sub"), download=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def make_tar(path, folder, arcname):
@@ -280,6 +360,22 @@ def test_download_cinic_archive_without_wrapper_folder(tmp_path, monkeypatch):
     assert d.x_train.shape == (1, 3, 32, 32) and d.y_test.tolist() == [0]
     assert (tmp_path / "data" / "cinic-10" / "valid" / "cat" / "x.png").exists()
     assert leftovers(tmp_path / "data") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training subset (the laptop scale)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_training_subset_keeps_each_class_share_and_is_seeded():
+    d = data.load_dataset("digits")
+    sub = data.training_subset(d, 674, seed=3)  # half of the 1,347 training images
+    counts, full = torch.bincount(sub.y_train, minlength=10), torch.bincount(d.y_train, minlength=10)
+    assert len(sub.y_train) == 674 and (counts - full / 2).abs().max() <= 1
+    rows = [next(i for i in range(len(d.y_train)) if torch.equal(d.x_train[i], x)) for x in sub.x_train[:20]]
+    assert rows == sorted(rows) and all(d.y_train[r] == y for r, y in zip(rows, sub.y_train[:20]))
+    assert torch.equal(data.training_subset(d, 674, seed=3).x_train, sub.x_train)
+    assert not torch.equal(data.training_subset(d, 674, seed=4).x_train, sub.x_train)
+    assert torch.equal(sub.x_test, d.x_test) and data.training_subset(d, None, 0) is d
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,10 +50,10 @@ def test_bad_input_gets_one_line_and_exit_code_2(argv, flag, capsys):
 
 def test_missing_dataset_names_the_path_and_the_flag(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "run.py", "--dataset", "fmnist", "--data-dir", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "run.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "--download" in proc.stderr and "FashionMNIST" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--download" in proc.stderr and "MNIST" in proc.stderr
     assert not out.exists(), "nothing half-written is left behind"
 
 
