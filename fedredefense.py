@@ -156,8 +156,8 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
-        fl.show_progress(f"reconstructing {len(active)} of {n} updates: outer iteration {m + 1}, at most "
-                         f"{int(caps[active].max()) + 1}")
+        fl.show_progress(lambda: f"reconstructing {len(active)} of {n} updates: outer iteration {m + 1}, at most "
+                                 f"{int(caps[active].max()) + 1}")
         stepping = []
         for clients in active.split(batch):
             e = reconstruction_error(simulated_updates(model, w_global, *(p[clients] for p in params),

@@ -291,14 +291,15 @@ _shown = {"at": 0.0, "open": False}
 
 
 def show_progress(text, every=1.0, every_in_logs=60.0):
-    """Say what a long computation is doing: on a terminal, one line rewritten at most every ``every`` seconds;
-    in a log (stderr not a terminal), one line every ``every_in_logs`` seconds."""
+    """Say what a long computation is doing, ``text()``: on a terminal, one line rewritten at most every ``every``
+    seconds; in a log (stderr not a terminal), one line every ``every_in_logs`` seconds. ``text`` is only called
+    when a line is due, so a hot loop pays for the clock alone."""
     tty = sys.stderr.isatty()
     now = time.monotonic()
     if now - _shown["at"] < (every if tty else every_in_logs):
         return
     _shown["at"] = now
-    sys.stderr.write(f"\r\033[K  {text}" if tty else f"  {text}\n")
+    sys.stderr.write(f"\r\033[K  {text()}" if tty else f"  {text()}\n")
     sys.stderr.flush()
     _shown["open"] = tty
 
