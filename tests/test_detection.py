@@ -469,15 +469,37 @@ def test_auror_flags_the_small_blob():
     np.testing.assert_allclose(d.update.numpy(), U[:7].numpy().mean(0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("tau", [0.5, 0.3])
-def test_auror_flags_minority_in_more_than_tau_of_features(tau):
-    """A client is flagged iff it lies in the minority cluster in more than tau of the features (auror docstring)."""
-    minorities = [{0, 1, 9}, {0, 1, 8}, {0, 7, 8}, {7, 8, 9}, {2, 3, 4}]  # 3 of 10 clients in each feature
-    U = torch.tensor([[float(c in m) for m in minorities] for c in range(10)], dtype=torch.float64)
-    share = [sum(c in m for m in minorities) / len(minorities) for c in range(10)]
-    d = baselines.auror(U, torch.arange(len(minorities)), tau=tau)
-    assert d.accepted.tolist() == [not f > tau for f in share]
-    assert (~d.accepted).sum() == (2 if tau == 0.5 else 5)
+def exact_two_means(points):
+    """The optimal 2-means partition of a few points by enumeration: the split minimising the within-cluster sum
+    of squared distances to the two centroids. Returns the bool mask of the smaller part."""
+    n = len(points)
+    best, best_sse = None, math.inf
+    for bits in range(1, 2 ** (n - 1)):  # client n-1 always in part 0: each split once
+        part = np.array([(bits >> i) & 1 for i in range(n)], dtype=bool)
+        sse = sum(((points[p] - points[p].mean(0)) ** 2).sum() for p in (part, ~part))
+        if sse < best_sse:
+            best, best_sse = part, sse
+    return best if best.sum() < n - best.sum() else ~best
+
+
+def test_auror_clusters_the_indicative_features_jointly():
+    """Three groups of 3 on two features: A = (6, 0), B = (0, 5), C = (0, 0). Each feature alone has a different
+    minority (A on the first, B on the second), so a per-feature vote flags nobody; 2-means on both features
+    jointly splits A off (its SSE 37.5 against 54 for B and 91.5 for C), and A is flagged."""
+    centres = np.array([[6.0, 0.0]] * 3 + [[0.0, 5.0]] * 3 + [[0.0, 0.0]] * 3)
+    points = centres + 0.05 * randn(9, 2, seed=4).numpy()
+    minority = exact_two_means(points)
+    assert minority.tolist() == [True] * 3 + [False] * 6
+    U = torch.cat([torch.tensor(points), randn(9, 3, seed=5)], 1)  # two indicative features, three others
+    d = baselines.auror(U, torch.tensor([0, 1]))
+    assert d.accepted.tolist() == (~minority).tolist()
+    np.testing.assert_allclose(d.update.numpy(), U[3:].numpy().mean(0), rtol=1e-12)
+
+
+def test_auror_equal_clusters_or_no_features_flag_nobody():
+    U = torch.tensor([[0.0], [0.1], [5.0], [5.1]], dtype=torch.float64)
+    assert baselines.auror(U, torch.tensor([0])).accepted.all()
+    assert baselines.auror(randn(5, 4), torch.zeros(0, dtype=torch.long)).accepted.all()
 
 
 def test_auror_features_with_identical_clusters_are_not_indicative():
