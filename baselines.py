@@ -1015,10 +1015,15 @@ def fedcpa_weights(I_local, I_global, share=0.01):
 
 class FedCPA:
     """FedCPA as a server (ALGORITHMS.md D14). Importance on the weight tensors of 2 or 4 dimensions only (linear
-    and convolution weights; ``weights`` lists their slices of the flat vector); the server remembers w^{t-2}.
-    Aggregate: (1/|S|) sum_{i in S} wv_i Delta_i over S = {i : wv_i > 0} (the code averages
-    w^{t-1} + wv_i Delta_i over S). Round 0, as the code: w^{t-1} is replaced by the plain FedAvg of the round's
-    local models and w^{t-2} by the initial model (so I_G = |(bar w - w^0) * bar w|).
+    and convolution weights; ``weights`` lists their slices of the flat vector). Aggregate: (1/|S|) sum_{i in S}
+    wv_i Delta_i over S = {i : wv_i > 0} (the code averages w^{t-1} + wv_i Delta_i over S).
+
+    The two reference models, w^{t-1} in I_i = |(w_i - w^{t-1}) * w_i| and in I_G = |(w^{t-1} - w^{t-2}) *
+    w^{t-1}|, and w^{t-2}, are the official code's ``prev_global_w`` and ``prev_prev_global_w``
+    (``main_untargeted_attack.py``): in round 0, ``prev_global_w`` is the plain FedAvg bar w of the round's local
+    models and ``prev_prev_global_w`` the initial model w^0, so I_i = |(w_i - bar w) * w_i| and I_G = |(bar w - w^0)
+    * bar w|; in round 1, ``prev_prev_global_w`` is that round-0 bar w (not w^0); from round 2 on they are the
+    global models w^{t-1} and w^{t-2}. The paper (Han et al. 2023) does not say what round 0 uses.
     """
 
     def __init__(self, weights, share=0.01):
@@ -1035,8 +1040,9 @@ class FedCPA:
             w_prev, w_prev2 = w + fl.fedavg(updates), w
         else:
             w_prev, w_prev2 = w, self.previous
-        self.previous = w
-        wv = fedcpa_weights(self.importance(updates, w + updates), self.importance(w_prev - w_prev2, w_prev),
+        self.previous = w_prev
+        local = w + updates
+        wv = fedcpa_weights(self.importance(local - w_prev, local), self.importance(w_prev - w_prev2, w_prev),
                             self.share).to(updates)
         kept = wv > 0
         return decided(wv[kept] @ updates[kept] / kept.sum(), kept, weights=wv.tolist())
