@@ -1066,20 +1066,28 @@ def low_frequency_mask(H, W):
     return (a < H / 2) & (b < W / 2) & (a + b <= (H + W) // 4)
 
 
-def freqfed(updates, shape, layer):
+def freqfed(updates, w_global, shape, layer):
     """FreqFed (ALGORITHMS.md D15; FedDefuse calls it "FedFreq"). Fereidooni et al., "FreqFed: A Frequency
     Analysis-Based Approach for Mitigating Poisoning Attacks in Federated Learning", NDSS 2024.
 
-    1. Each client's output-layer weight update (``updates[:, layer]`` reshaped to ``shape`` = (out, in)) goes
-       through an orthonormal 2-D DCT-II; its low-frequency entries (``low_frequency_mask``) form F_i.
-    2. c_ij = 1 - cos(F_i, F_j); HDBSCAN (min_cluster_size 2, min_samples 1); the largest cluster is admitted
-       (ties: the lowest label), and its updates averaged (FedAvg). No cluster at all: everyone is admitted.
-    No official code exists; which tensor, the mask and HDBSCAN's parameters follow ALGORITHMS.md D15's choices
-    (the output layer's update; secretflow's reimplementation uses the local weights).
+    1. Each client's local output-layer weights W_i = (w^{t-1} + Delta_i)[layer], reshaped to ``shape`` =
+       (out, in), go through an orthonormal 2-D DCT-II; the low-frequency entries (``low_frequency_mask``) form F_i.
+    2. c_ij = 1 - cos(F_i, F_j); HDBSCAN (min_cluster_size 2, min_samples 1, no single cluster); the cluster with
+       the most members is admitted (ties: the lowest label), and its updates averaged (FedAvg, the same as
+       averaging the admitted local models). No cluster at all (everyone noise): everyone is admitted.
+
+    No official code exists (FedDefuse: "implemented according to its algorithm descriptions"); the paper's full
+    text could not be read here. Which tensor: the local *weights*, as the paper's abstract ("model updates (i.e.,
+    weights)") and secretflow's reimplementation (``agg_freqfed.py``: the local model's last weight matrix) have
+    it; the update Delta_i alone is not used (DCT is linear, so the DCT of W_i is that of w^{t-1} plus that of
+    Delta_i: the shared global part enters every F_i). The clustering follows secretflow (HDBSCAN, min_cluster_size
+    2, min_samples 1, the ``hdbscan`` package's default of no single cluster) except that its largest group may
+    be the noise label -1; here only a real cluster is admitted.
     """
     n = len(updates)
     mask = low_frequency_mask(*shape)
-    F = torch.tensor(np.stack([dct2(u.reshape(shape).cpu().numpy())[mask] for u in updates[:, layer]])
+    weights = (w_global + updates)[:, layer]
+    F = torch.tensor(np.stack([dct2(w.reshape(shape).cpu().numpy())[mask] for w in weights])
                      if n else np.zeros((0, mask.sum())))
     labels = hdbscan_labels(cosine_distances(F), 2, allow_single_cluster=False)
     clusters = labels[labels >= 0]
@@ -1095,4 +1103,4 @@ class FreqFed:
         self.layer, self.shape = layer, shape
 
     def __call__(self, updates, rnd):
-        return freqfed(updates, self.shape, self.layer)
+        return freqfed(updates, rnd.w_global, self.shape, self.layer)

@@ -719,13 +719,14 @@ def freqfed_case():
 def test_freqfed_admits_largest_cluster_and_is_scale_invariant():
     """The largest cluster is admitted and averaged; scaling an update by c > 0 keeps the admitted set (D15 test 2)."""
     U, layer, shape = freqfed_case()
-    d = baselines.freqfed(U, shape, layer)
+    d = baselines.freqfed(U, torch.zeros(U.shape[1], dtype=U.dtype), shape, layer)  # w^{t-1} = 0: W_i = Delta_i
     assert d.accepted.tolist() == [True] * 6 + [False] * 3
     np.testing.assert_allclose(d.update.numpy(), U[:6].numpy().mean(0), rtol=1e-12)
     for i, c in [(0, 10.0), (2, 0.05), (7, 3.0), (8, 1e-3)]:
         scaled = U.clone()
         scaled[i] *= c
-        assert baselines.freqfed(scaled, shape, layer).accepted.tolist() == d.accepted.tolist()
+        assert baselines.freqfed(scaled, torch.zeros(U.shape[1], dtype=U.dtype), shape, layer).accepted.tolist() \
+            == d.accepted.tolist()
 
 
 def test_freqfed_clusters_on_low_frequencies_only():
@@ -739,7 +740,59 @@ def test_freqfed_clusters_on_low_frequencies_only():
     U = torch.tensor(np.stack(rows))
     cos = 1 - baselines.cosine_distances(U).numpy()
     assert np.abs(cos[np.triu_indices(9, 1)]).max() < 0.3  # in the raw space nobody is close to anybody
-    assert baselines.freqfed(U, shape, slice(0, 120)).accepted.tolist() == [True] * 6 + [False] * 3
+    assert baselines.freqfed(U, torch.zeros(120, dtype=U.dtype), shape, slice(0, 120)).accepted.tolist() \
+        == [True] * 6 + [False] * 3
+
+
+def ref_freqfed_admitted(matrices):
+    """FreqFed's admitted set written from its description: orthonormal 2-D DCT-II of each client's matrix, the
+    entries with a < H/2, b < W/2, a + b <= floor((H+W)/4), 1 - cosine distances, HDBSCAN (min_cluster_size 2,
+    min_samples 1, no single cluster), the cluster with the most members."""
+    from sklearn.cluster import HDBSCAN
+
+    H, W = matrices[0].shape
+    keep = [(a, b) for a in range(H) for b in range(W) if a < H / 2 and b < W / 2 and a + b <= (H + W) // 4]
+    F = np.array([[scipy.fft.dctn(m, type=2, norm="ortho")[a, b] for a, b in keep] for m in matrices])
+    unit = F / np.linalg.norm(F, axis=1, keepdims=True)
+    dist = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(dist, 0)
+    labels = HDBSCAN(metric="precomputed", min_cluster_size=2, min_samples=1, copy=True).fit_predict(dist)
+    sizes = collections.Counter(labels[labels >= 0].tolist())
+    if not sizes:
+        return [True] * len(matrices)  # no cluster: everyone
+    largest = max(sizes, key=lambda label: (sizes[label], -label))  # ties: the lowest label
+    return (labels == largest).tolist()
+
+
+def test_freqfed_analyses_the_local_weights_not_the_updates():
+    """FreqFed's DCT is of the local models' output-layer weights w^{t-1} + Delta_i. Built on low frequencies
+    e_0..e_8 of the DCT, with w^{t-1} = 10 e_8 on the layer: the local weights of clients 0-5 are e_0, e_0, e_1,
+    e_1, e_2, e_2 (three pairs, cosine distance 1 apart), those of 6-8 are 10 e_8 + e_5, e_6, e_7 (distance 0.01):
+    four clusters, 6-8 the largest. Their updates, e_p - 10 e_8 for 0-5 and e_5, e_6, e_7 for 6-8, cluster
+    otherwise, so an analysis of the updates would not admit 6-8."""
+    shape, layer = (4, 12), slice(3, 51)
+    keep = [(a, b) for a in range(4) for b in range(12) if a < 2 and b < 6 and a + b <= 4]
+
+    def matrix(coefficients):
+        V = np.zeros(shape)
+        for (a, b), c in zip(keep, coefficients):
+            V[a, b] = c
+        return scipy.fft.idctn(V, type=2, norm="ortho")
+
+    e = np.eye(len(keep))
+    local = [matrix(e[p]) for p in (0, 0, 1, 1, 2, 2)] + [matrix(10 * e[8] + e[k]) for k in (5, 6, 7)]
+    w_global = torch.zeros(53, dtype=torch.float64)
+    w_global[layer] = torch.from_numpy(matrix(10 * e[8]).ravel())
+    updates = randn(9, 53, seed=3)
+    updates[:, layer] = torch.from_numpy(np.stack([m.ravel() for m in local])) - w_global[layer]
+    expected = ref_freqfed_admitted(local)
+    assert expected == [False] * 6 + [True] * 3
+    assert ref_freqfed_admitted([u[layer].reshape(shape).numpy() for u in updates]) != expected
+    d = baselines.freqfed(updates, w_global, shape, layer)
+    assert d.accepted.tolist() == expected
+    np.testing.assert_allclose(d.update.numpy(), updates[6:].numpy().mean(0), rtol=1e-12)
+    rnd = make_round(updates, w_global=w_global)
+    assert baselines.FreqFed(layer, shape)(updates, rnd).accepted.tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
