@@ -285,8 +285,15 @@ def lie(honest, n, q, *, z=None):
     non-omniscient; FedREDefense does not say which set it used); plus n and q.
 
     Choices where sources disagree:
-    - Sign: mu - z sigma *in update space*, as FedREDefense A.2 writes it. Baruch et al. work on gradients
-      (g = -update / lr), where their mu - z sigma is mu + z sigma in update space.
+    - z_max from (p - q - s) / (p - q), FedREDefense App. A.2's formula (FLPoison's ``alie.py`` computes the same).
+      Baruch et al.'s Algorithm 1 could not be read here; some ports write (n - s) / n instead (z(100, 28) =
+      0.739 instead of 0.469), and Baruch et al.'s own code computes neither: it takes z as a command-line
+      argument (``main.py --num_std``, default 1.5). LIE runs only under FedREDefense's protocol here (FedDefuse
+      does not run it), so FedREDefense's formula is the one its tables were made with.
+    - Sign: mu - z sigma *in update space*, as FedREDefense A.2 writes it for "model updates". Baruch et al. work on
+      gradients (g = -update / lr), where their mu - z sigma is mu + z sigma in update space (FLPoison sends
+      mu + z sigma of the updates). FedREDefense's code has no LIE, so which sign its tables used cannot be
+      checked; its text is followed.
     - sigma is the population std (ddof 0), as in Baruch et al.'s code (Shejwalkar's notebooks use ddof 1).
     - Fewer than 2 known updates: zero updates, like the other statistics-based attacks (common convention).
     - q >= floor(n/2) + 1: ValueError (``lie_z``) unless an explicit ``z`` is given; no cap on the CDF.
@@ -383,6 +390,13 @@ def min_max(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
     Knowledge: partial (the attackers' own genuine updates, as in the FedREDefense code); AGR-agnostic. The
     paper's main setting is full knowledge (all benign updates): pass those as ``honest`` for it.
 
+    Sign: mu - gamma p *in update space* is the FedREDefense code's (``Client_MinMax``, on model updates).
+    Shejwalkar & Houmansadr perturb *gradients*, nabla^b - gamma p with p the gradients' std, which in update space
+    (update = -lr * gradient) is mu + gamma p. The two candidates are mirror images about mu: Min-Sum's constraint
+    and so its gamma are the same for both (the cross term sums to zero), Min-Max's gamma can differ, and the
+    direction of the malicious update differs. The FedREDefense code's sign is kept because FedREDefense's tables
+    were made with it.
+
     Choices: gamma_init = 30 (FedREDefense ``threshold=30``; Shejwalkar's notebooks use 10), tau = 1e-5;
     ``dev_type`` 'std' by default ('unit_vec' = mu/||mu|| and 'sign' = sign(mu) are the paper's other variants);
     m < 2 gives the zero update (FedREDefense). All malicious clients send this same vector.
@@ -403,7 +417,8 @@ def min_sum(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
     returns min(gamma*, ~2 gamma_init) to within ~tau.
 
     Knowledge and choices: as ``min_max`` (partial knowledge, gamma_init = 30 FedREDefense preset, tau = 1e-5, std
-    perturbation with ddof 1, m < 2 gives the zero update).
+    perturbation with ddof 1, m < 2 gives the zero update), and the same sign: mu - gamma p in update space, the
+    FedREDefense code's (``Client_MinSum``), the opposite of the NDSS paper's gradient-space perturbation.
 
     Returns ``[d]``.
     """
