@@ -862,9 +862,16 @@ def foolsgold_weights(histories, eps=1e-5):
 
 class FoolsGold:
     """FoolsGold as a server (ALGORITHMS.md D12): H_i <- H_i + Delta_i, the sum of every update client i has sent
-    (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation; the ML code
-    sums). Similarity on the whole update (the ML code; deep-fg uses the output layer only). No importance
-    weighting, no pre-clipping. ``accepted``: alpha_i > 0."""
+    (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation). Similarity on
+    the whole update (the ML code; deep-fg uses the output layer only). No importance weighting, no
+    pre-clipping. ``accepted``: alpha_i > 0.
+
+    Why (1/n) and not the ML code's sum (``model_aggregator.foolsgold`` returns sum_i alpha_i Delta_i): both
+    official codes are FedSGD, each client sending one gradient a round, and deep-fg's ``aggregate_gradients``
+    divides the weighted sum by n before the optimiser's step. Here clients send FedAvg updates of several local
+    steps, and (1/n) sum_i alpha_i Delta_i is FedAvg itself when every alpha_i is 1, where the sum would be n
+    times FedAvg's step (25 times on digits). The price: every client with alpha_i = 0 still counts in the n, so
+    the step shrinks with the number of clients FoolsGold zeroes."""
 
     def __init__(self):
         self.history = {}
