@@ -907,9 +907,18 @@ def btbcn(points, min_cluster_size=3):
     everything left is noise); stop once more than n // 2 leaves are noise. At the node reached, if one child
     holds more than n // 2 of the n clients, the larger child is benign and the smaller one malicious; otherwise
     every leaf under the node is benign. Fewer than two points: nobody is flagged.
-    The official code differs at one boundary, which is not followed: when the right child has exactly
-    min_cluster_size leaves, its ``>=`` test marks the *left* child as noise whatever its size, so a 9-client
-    majority beside a 3-client branch is discarded; the paper's rule (the small child is the noise) is used.
+
+    The official code differs at one boundary, which is not followed. Its loop runs while a child has
+    <= min_cluster_size leaves, but inside it asks which child has >= min_cluster_size leaves, so a child of
+    exactly min_cluster_size leaves counts as small in the first test and large in the second:
+    - when the right child has exactly min_cluster_size leaves, the *left* child is marked noise whatever its
+      size, so a 9-client majority beside a 3-client branch is discarded;
+    - when both children are small and one has exactly min_cluster_size leaves, the other is marked noise and the
+      walk enters the min_cluster_size-leaf child; if the noise then exceeds n // 2 the walk stops there and
+      keeps those leaves as benign (otherwise its two smaller children end as noise too, as here).
+    Here a child is small iff it has <= min_cluster_size leaves, in both places (the loop's own reading; the
+    FedDMC paper's text of the rule could not be read here): the small child is the noise, and two small children
+    are both noise, so everyone left is flagged.
     """
     from scipy.cluster.hierarchy import linkage, to_tree
 

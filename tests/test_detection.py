@@ -584,12 +584,21 @@ def test_btbcn_flags_singleton_noise_and_small_blob():
 
 
 def test_btbcn_discards_the_small_branch_not_the_majority():
-    """A 9-client branch (sub-blobs of 5 and 4) beside a 3-client branch: the 3 are the noise (the paper's rule),
+    """A 9-client branch (sub-blobs of 5 and 4) beside a 3-client branch: the 3 are the noise (the loop's rule),
     where the official code's ``>=`` boundary discards the 9 whenever the 3 are the right child (D13 step 3)."""
     for seed in range(5):
         points = torch.cat([0.05 * randn(5, 10, seed=seed), 1 + 0.05 * randn(4, 10, seed=seed + 10),
                             10 + 0.05 * randn(3, 10, seed=seed + 20)])
         assert baselines.btbcn(points, 3).tolist() == [False] * 9 + [True] * 3
+
+
+def test_btbcn_two_small_children_are_both_noise():
+    """Both children of the node reached small (3 and 3 leaves): everything left is noise, so all 9 are flagged
+    (D13 step 3). The Ward tree in 1-D: the root splits off a far pair, then a singleton, leaving two triples. The
+    official code's ``>=`` test would take one triple for the large child, reach 6 noise leaves (> 9 // 2) and
+    keep the other triple as benign."""
+    points = torch.tensor([[60.0], [60.5], [20.0], [0.0], [0.1], [0.2], [5.0], [5.1], [5.2]], dtype=torch.float64)
+    assert baselines.btbcn(points, 3).tolist() == [True] * 9
 
 
 @pytest.mark.parametrize("flags, expected", [
