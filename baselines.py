@@ -726,7 +726,7 @@ class FLDetector:
 # ---------------------------------------------------------------------------------------------------------------
 
 def flcert_groups(n_clients, n_groups):
-    """FLCert-D's deterministic partition: client c belongs to group c mod N (the paper hashes the id first; see
+    """FLCert-D's deterministic partition: client c belongs to group c mod N (FLCert-D hashes the id first; see
     ``FLCert`` for why this split is a best case against attackers with consecutive ids)."""
     return [c % n_groups for c in range(n_clients)]
 
