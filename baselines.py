@@ -1041,12 +1041,15 @@ class FedCPA:
     and convolution weights; ``weights`` lists their slices of the flat vector). Aggregate: (1/|S|) sum_{i in S}
     wv_i Delta_i over S = {i : wv_i > 0} (the code averages w^{t-1} + wv_i Delta_i over S).
 
-    The two reference models, w^{t-1} in I_i = |(w_i - w^{t-1}) * w_i| and in I_G = |(w^{t-1} - w^{t-2}) *
-    w^{t-1}|, and w^{t-2}, are the official code's ``prev_global_w`` and ``prev_prev_global_w``
-    (``main_untargeted_attack.py``): in round 0, ``prev_global_w`` is the plain FedAvg bar w of the round's local
-    models and ``prev_prev_global_w`` the initial model w^0, so I_i = |(w_i - bar w) * w_i| and I_G = |(bar w - w^0)
-    * bar w|; in round 1, ``prev_prev_global_w`` is that round-0 bar w (not w^0); from round 2 on they are the
-    global models w^{t-1} and w^{t-2}. The paper (Han et al. 2023) does not say what round 0 uses.
+    Reference models: I_i = |(w_i - w^{t-1}) * w_i| against the current global model, and I_G = |(w^{t-1} -
+    w^{t-2}) * w^{t-1}| from the last two global models, wherever those exist. Round 0 has no w^{t-2}; there the
+    official code's stand-ins (``main_untargeted_attack.py``) are used for I_G: w^{t-1} -> the plain FedAvg bar w
+    of the round's local models and w^{t-2} -> w^0, so I_G = |(bar w - w^0) * bar w|. The code differs in two more
+    places, not followed because the model they replace exists: its round-0 local importance is also taken
+    against bar w (its ``prev_global_w``), not against w^0 = w^{t-1}; and its round-1 w^{t-2} is round 0's bar w
+    (its ``prev_prev_global_w`` carries the stand-in over), not w^0. Following the latter would let a round-0
+    outlier, which dominates bar w, set round 1's global reference too (a 1e12-norm update is then admitted in
+    rounds 0 and 1 instead of round 0 only). The paper (Han et al. 2023) does not say what round 0 uses.
     """
 
     def __init__(self, weights, share=0.01):
@@ -1059,13 +1062,12 @@ class FedCPA:
         w = rnd.w_global
         if len(updates) == 0:
             return decided(zero_update(updates), [])
-        if self.previous is None:  # round 0: the code's stand-ins for w^{t-1} and w^{t-2}
+        if self.previous is None:  # round 0: the code's stand-ins for I_G's w^{t-1} and w^{t-2}
             w_prev, w_prev2 = w + fl.fedavg(updates), w
         else:
             w_prev, w_prev2 = w, self.previous
-        self.previous = w_prev
-        local = w + updates
-        wv = fedcpa_weights(self.importance(local - w_prev, local), self.importance(w_prev - w_prev2, w_prev),
+        self.previous = w
+        wv = fedcpa_weights(self.importance(updates, w + updates), self.importance(w_prev - w_prev2, w_prev),
                             self.share).to(updates)
         kept = wv > 0
         return decided(wv[kept] @ updates[kept] / kept.sum(), kept, weights=wv.tolist())

@@ -671,30 +671,29 @@ def test_critical_similarity_identical_clients():
 
 
 def test_fedcpa_server_weights_and_aggregate_over_three_rounds():
-    """FedCPA's server over rounds 0-2 equals the D14 steps 1-7 in numpy (importances, stand-ins, aggregate).
-    The stand-ins are the official code's (``main_untargeted_attack.py``): round 0 measures both importances
-    against the round's plain FedAvg bar w (with w^0 as w^{t-2}), and round 1 takes that bar w as w^{t-2}."""
+    """FedCPA's server over rounds 0-2 equals the D14 steps 1-7 in numpy: I_i against the current global model
+    every round, I_G from the last two global models, and only round 0's I_G from the code's stand-ins (the
+    round's plain FedAvg bar w and w^0); round 1's w^{t-2} is w^0, not round 0's bar w as in the code."""
     weights = [slice(0, 150), slice(160, 400)]
     server = baselines.FedCPA(weights, share=0.05)
 
     def importance(delta, w):
         return np.abs(np.concatenate([delta[..., s] * w[..., s] for s in weights], -1))
 
-    w = randn(420, seed=1).numpy()
-    code_prev = None  # the code's prev_global_w of the round before
+    globals_ = [randn(420, seed=1).numpy()]  # w^0, w^1, ...
     for t in range(3):
+        w = globals_[-1]
         U = (randn(420, seed=10 + t) + 0.5 * randn(6, 420, seed=20 + t)).numpy()
         if t == 0:
-            w_prev, w_prev2 = w + U.mean(0), w
+            reference = importance(w + U.mean(0) - w, w + U.mean(0))
         else:
-            w_prev, w_prev2 = w, code_prev
-        wv = ref_fedcpa_weights(importance(w + U - w_prev, w + U), importance(w_prev - w_prev2, w_prev), 0.05)
-        code_prev = w_prev
+            reference = importance(w - globals_[-2], w)
+        wv = ref_fedcpa_weights(importance(U, w + U), reference, 0.05)
         d = server(torch.from_numpy(U), make_round(torch.from_numpy(U), w_global=torch.from_numpy(w), t=t))
         kept = wv > 0
         np.testing.assert_allclose(d.update.numpy(), wv[kept] @ U[kept] / kept.sum(), rtol=1e-9, atol=1e-12)
         assert d.accepted.tolist() == kept.tolist()
-        w = w + d.update.numpy()
+        globals_.append(w + d.update.numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------
