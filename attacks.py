@@ -567,7 +567,7 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
     knowledge: what ``known`` is, ``"partial"`` or ``"full"`` (``run.py --knowledge``). It picks Fang's
         trimmed-mean/median variant: partial, the FedREDefense code's mu +- 3-4 sigma (A1(b), ``fang``); full,
         Fang's own full-knowledge attack from the benign max/min (A1(a), ``fang_full``). Against Krum both use
-        ``fang_krum`` on ``known``. The other attacks read only ``known``.
+        ``fang_krum`` on ``known``. LIE, Min-Max and Min-Sum take their statistics from ``known`` either way.
 
     LIE in a round whose attackers are a majority: run.py refuses settings where sampling alone can bring that
     about, but a defense that expels benign clients (FLDetector under LIE) can leave only attackers. z_max is then
