@@ -1,6 +1,6 @@
 """Model-poisoning attacks: what the malicious clients upload in a round.
 
-Specification: ``reference/ALGORITHMS.md`` sections A1 (variant b), A2, A3-A13, and
+Specification: ``reference/ALGORITHMS.md`` sections A1 (variants a and b), A2, A3-A13, and
 ``reference/fedredefense-official-code.md`` sec. 3 (what the official FedREDefense code does).
 
 Conventions (those of ``fl.py``):
@@ -43,7 +43,7 @@ def _rand(shape, generator, like, normal=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A1. Fang (trimmed-mean / median attack), partial knowledge
+# A1. Fang (trimmed-mean / median attack), partial knowledge (b) and full knowledge (a)
 # ---------------------------------------------------------------------------------------------------------------
 
 def fang(honest, n_out, generator):
@@ -70,6 +70,7 @@ def fang(honest, n_out, generator):
     - mu_j == 0 gives 0 (= mu_j), as in the FedREDefense code; Fang's paper does not cover it.
     - m < 2 (std undefined) gives zero updates, as in the FedREDefense code.
     - Against Krum the papers run Fang's Krum-specific attack instead (A2, ``fang_krum``; ``craft`` chooses).
+    - Under full knowledge ``craft`` runs Fang's own full-knowledge attack instead (A1(a), ``fang_full``).
 
     Returns ``[n_out, d]``.
     """
@@ -82,6 +83,51 @@ def fang(honest, n_out, generator):
     up = mu + (3 + u) * sigma      # s_j = -1: push the coordinate up
     down = mu - (4 - u) * sigma    # s_j = +1: push it down
     return torch.where(mu < 0, up, torch.where(mu > 0, down, torch.zeros_like(up)))
+
+
+def fang_full(benign, n_out, generator, b=2.0):
+    """Fang attack on Trimmed-mean/Median, full-knowledge variant (ALGORITHMS.md A1(a)): the attack as its paper
+    states it. Fang, Cao, Jia, Gong, USENIX Security 2020, Sec. 4 ("attacking Trimmed mean", full knowledge; the
+    same crafted values attack Median).
+
+    Formula, per coordinate j, with s_j the sign of the benign aggregate and w_max,j / w_min,j the largest and
+    smallest benign value:
+        s_j = -1:  g_j ~ U[w_max,j, b w_max,j]  if w_max,j > 0,   else U[w_max,j, w_max,j / b]
+        s_j = +1:  g_j ~ U[w_min,j / b, w_min,j]  if w_min,j > 0,   else U[b w_min,j, w_min,j]
+        s_j =  0:  g_j = 0
+    i.e. each coordinate lands just beyond the benign range, on the side opposite to the benign aggregate's move;
+    b = 2. u ~ U(0,1) is drawn afresh for every output row and coordinate (on the CPU with ``generator``), one u
+    serving whichever branch applies.
+
+    Knowledge: full -- ``benign`` ``[m, d]`` are the genuine updates the attackers know (``craft`` passes
+    every participant's genuine update, the attackers' own honestly trained ones included).
+
+    Choices where sources disagree or the paper is silent:
+    - Update space (not Fang's model-parameter space), as the seed papers' pipelines and Shejwalkar's and
+      FLDetector's code (``get_malicious_updates_fang_trmean``, ``full_trim``, both on gradients).
+    - s = sign of the *mean* of ``benign``: Fang defines s_j as the direction of the global model's change
+      without attack, which the attacker computes from the genuine updates; the mean (FedAvg's aggregate) is
+      what FLDetector's ``full_trim`` (the sign of the sum) and A1(b) use, not the trimmed mean of the AGR.
+    - The bounds come from ``benign`` as given. Fang's w_max,j / w_min,j are over the benign devices; here the
+      attackers' own genuine updates are among them (FLDetector's ``full_trim`` takes the max/min over all
+      devices' genuine gradients the same way). They are honestly trained, so they are benign-distributed.
+    - Uniform draws, as Fang's text and Shejwalkar's code; FLDetector's ``full_trim`` takes the far endpoint
+      (b w or w / b) deterministically. s_j = 0 gives 0 (Fang is silent; FLDetector's code gives 0).
+    - Unlike A1(b) one known update suffices (no std is needed); none known gives zero updates.
+
+    Returns ``[n_out, d]``.
+    """
+    m, d = benign.shape
+    if m == 0:
+        return benign.new_zeros(n_out, d)
+    s = torch.sign(benign.mean(0))
+    w_max, w_min = benign.max(0).values, benign.min(0).values
+    beyond_max = torch.where(w_max > 0, b * w_max, w_max / b)  # the far end of the interval above w_max
+    beyond_min = torch.where(w_min > 0, w_min / b, b * w_min)  # the far end of the interval below w_min
+    u = _rand((n_out, d), generator, benign)
+    up = w_max + u * (beyond_max - w_max)       # s_j = -1: in [w_max, beyond_max]
+    down = beyond_min + u * (w_min - beyond_min)  # s_j = +1: in [beyond_min, w_min]
+    return torch.where(s < 0, up, torch.where(s > 0, down, torch.zeros_like(up)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,8 +285,15 @@ def lie(honest, n, q, *, z=None):
     non-omniscient; FedREDefense does not say which set it used); plus n and q.
 
     Choices where sources disagree:
-    - Sign: mu - z sigma *in update space*, as FedREDefense A.2 writes it. Baruch et al. work on gradients
-      (g = -update / lr), where their mu - z sigma is mu + z sigma in update space.
+    - z_max from (p - q - s) / (p - q), FedREDefense App. A.2's formula (FLPoison's ``alie.py`` computes the same).
+      Baruch et al.'s Algorithm 1 could not be read here; some ports write (n - s) / n instead (z(100, 28) =
+      0.739 instead of 0.469), and Baruch et al.'s own code computes neither: it takes z as a command-line
+      argument (``main.py --num_std``, default 1.5). LIE runs only under FedREDefense's protocol here (FedDefuse
+      does not run it), so FedREDefense's formula is the one its tables were made with.
+    - Sign: mu - z sigma *in update space*, as FedREDefense A.2 writes it for "model updates". Baruch et al. work on
+      gradients (g = -update / lr), where their mu - z sigma is mu + z sigma in update space (FLPoison sends
+      mu + z sigma of the updates). FedREDefense's code has no LIE, so which sign its tables used cannot be
+      checked; its text is followed.
     - sigma is the population std (ddof 0), as in Baruch et al.'s code (Shejwalkar's notebooks use ddof 1).
     - Fewer than 2 known updates: zero updates, like the other statistics-based attacks (common convention).
     - q >= floor(n/2) + 1: ValueError (``lie_z``) unless an explicit ``z`` is given; no cap on the CDF.
@@ -337,6 +390,13 @@ def min_max(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
     Knowledge: partial (the attackers' own genuine updates, as in the FedREDefense code); AGR-agnostic. The
     paper's main setting is full knowledge (all benign updates): pass those as ``honest`` for it.
 
+    Sign: mu - gamma p *in update space* is the FedREDefense code's (``Client_MinMax``, on model updates).
+    Shejwalkar & Houmansadr perturb *gradients*, nabla^b - gamma p with p the gradients' std, which in update space
+    (update = -lr * gradient) is mu + gamma p. The two candidates are mirror images about mu: Min-Sum's constraint
+    and so its gamma are the same for both (the cross term sums to zero), Min-Max's gamma can differ, and the
+    direction of the malicious update differs. The FedREDefense code's sign is kept because FedREDefense's tables
+    were made with it.
+
     Choices: gamma_init = 30 (FedREDefense ``threshold=30``; Shejwalkar's notebooks use 10), tau = 1e-5;
     ``dev_type`` 'std' by default ('unit_vec' = mu/||mu|| and 'sign' = sign(mu) are the paper's other variants);
     m < 2 gives the zero update (FedREDefense). All malicious clients send this same vector.
@@ -357,7 +417,8 @@ def min_sum(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
     returns min(gamma*, ~2 gamma_init) to within ~tau.
 
     Knowledge and choices: as ``min_max`` (partial knowledge, gamma_init = 30 FedREDefense preset, tau = 1e-5, std
-    perturbation with ddof 1, m < 2 gives the zero update).
+    perturbation with ddof 1, m < 2 gives the zero update), and the same sign: mu - gamma p in update space, the
+    FedREDefense code's (``Client_MinSum``), the opposite of the NDSS paper's gradient-space perturbation.
 
     Returns ``[d]``.
     """
@@ -485,7 +546,8 @@ def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, sc
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
-def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, generator, signflip_k=1.0, krum_f=None):
+def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, generator, signflip_k=1.0, krum_f=None,
+          knowledge="partial"):
     """The crafted updates of the attack ``name`` (one of ``CRAFTED``) for this round's attackers.
 
     honest: ``[q, d]``, the attacking clients' own genuine updates this round (every attacker trains honestly
@@ -502,6 +564,10 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
     signflip_k: sign-flip's k (FedDefuse App. B.1 gives none; 1 is a pure flip).
     krum_f: the f of the server's Krum when it runs Krum or Multi-Krum: "fang" then means Fang's attack on Krum
         (A2), as in both papers; None (any other defense): the trimmed-mean/median attack (A1).
+    knowledge: what ``known`` is, ``"partial"`` or ``"full"`` (``run.py --knowledge``). It picks Fang's
+        trimmed-mean/median variant: partial, the FedREDefense code's mu +- 3-4 sigma (A1(b), ``fang``); full,
+        Fang's own full-knowledge attack from the benign max/min (A1(a), ``fang_full``). Against Krum both use
+        ``fang_krum`` on ``known``. LIE, Min-Max and Min-Sum take their statistics from ``known`` either way.
 
     LIE in a round whose attackers are a majority: run.py refuses settings where sampling alone can bring that
     about, but a defense that expels benign clients (FLDetector under LIE) can leave only attackers. z_max is then
@@ -511,10 +577,12 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
     Returns ``[q, d]``, row k for the k-th attacker. Unknown name: ValueError.
     """
     q, d = honest.shape
+    if knowledge not in ("partial", "full"):
+        raise ValueError(f"unknown knowledge {knowledge!r}; expected 'partial' or 'full'")
     if name == "fang" and krum_f is not None:
         return fang_krum(known, q, krum_f, generator, n_participants=n_participants)
     if name == "fang":
-        return fang(known, q, generator)
+        return fang_full(known, q, generator) if knowledge == "full" else fang(known, q, generator)
     if name == "lie":  # attackers a majority (a defense expelled benign clients): z_max undefined, z = 0
         return lie(known, n_participants, q, z=0.0 if q >= n_participants // 2 + 1 else None)
     if name == "minmax":

@@ -727,7 +727,8 @@ class FLDetector:
 # ---------------------------------------------------------------------------------------------------------------
 
 def flcert_groups(n_clients, n_groups):
-    """FLCert-D's deterministic partition: client c belongs to group c mod N (the paper hashes the id mod N)."""
+    """FLCert-D's deterministic partition: client c belongs to group c mod N (FLCert-D hashes the id first; see
+    ``FLCert`` for why this split is a best case against attackers with consecutive ids)."""
     return [c % n_groups for c in range(n_clients)]
 
 
@@ -742,6 +743,12 @@ class FLCert:
     of the G models, ties to the smallest label (``fl.predict`` on a ``[G, d]`` model), so TACC and ASR are the
     ensemble's. No per-client decision (``accepted`` None), as Median.
     Choices: FLCert-D (disjoint groups by id mod N) rather than FLCert-P (sampled groups); N = 10 at paper scale.
+    The partition is a best case for FLCert here: the attackers are the last q ids (``run.py``), so id mod N
+    deals them out evenly, at most ceil(q / N) per group (7 attackers in 5 groups of 5 on digits: 2, 2, 1, 1, 1,
+    never a group majority). FLCert-D is described as hashing the id before taking it mod N (the FLCert paper's
+    text could not be read here), which places the attackers at random, and some groups can then hold more of
+    them. Kept: id mod N is what this project's tests and runs assume; a seeded random partition would change
+    them.
     """
 
     def __init__(self, n_clients, n_groups=10):
@@ -766,33 +773,48 @@ def indicative_features(updates, alpha):
     return (two_means_1d(updates)[1] > alpha).nonzero()[:, 0]
 
 
-def auror(updates, features, tau=0.5):
+def auror(updates, features):
     """Auror's detection step (ALGORITHMS.md D11). Shen, Tople, Saxena, "Auror: Defending Against Poisoning Attacks
     in Collaborative Deep Learning Systems", ACSAC 2016.
 
-    For every indicative feature j in ``features``, 2-means splits the clients on Delta_ij; a client is flagged if
-    it lies in the smaller cluster in more than ``tau`` of the indicative features; the others are averaged
-    (FedAvg). A feature whose two clusters are equal in size has no minority and flags nobody. No indicative
-    feature: everyone is accepted. ``tau`` = 0.5 (?verify: from memory of the paper).
+    Formula: the clients' values on the indicative features, x_i = Delta_i[features], are split by 2-means on
+    all the features jointly (k-means with k = 2, squared Euclidean distance); the clients of the smaller cluster
+    are flagged, the others averaged (FedAvg).
+
+    Sources: the detection step of Shen et al. could not be read here (only the abstract was at hand). The joint
+    clustering is what every readable description does: FedDefuse App. B.1 ("dimensionality reduction ... then
+    KMeans clustering to separate benign and malicious participants"), FLPoison's ``aggregators/auror.py`` (KMeans
+    on the indicative features, the majority cluster benign) and FedDMC's ``agg_auror`` (KMeans on the whole
+    model, the minority flagged). The earlier per-feature rule (minority in more than tau = 50% of the features)
+    rested on memory of the paper only and is not kept.
+
+    Choices: scikit-learn's KMeans, 10 initialisations, seeded (random_state 0); two clusters of equal size have no
+    minority and flag nobody (FLPoison then keeps cluster 0 arbitrarily); no indicative feature, fewer than two
+    clients, or fewer than two distinct points: everyone is accepted.
     """
+    from sklearn.cluster import KMeans
+
     n = len(updates)
-    if len(features) == 0 or n < 2:
+    x = updates[:, features].double().cpu().numpy()
+    if len(features) == 0 or n < 2 or len(np.unique(x, axis=0)) < 2:
         return decided(fl.fedavg(updates), torch.ones(n, dtype=torch.bool), features=len(features))
-    upper = two_means_1d(updates[:, features])[0]
-    n_upper = upper.sum(0)
-    minority = torch.where(n_upper < n - n_upper, upper, ~upper) & (2 * n_upper != n)
-    accepted = ~(minority.double().mean(1) > tau)  # minorities hold < n/2 each, so someone is always accepted
-    return decided(fl.fedavg(updates[accepted]), accepted, features=len(features))
+    labels = torch.as_tensor(KMeans(n_clusters=2, n_init=10, random_state=0).fit_predict(x))
+    in_1 = int(labels.sum())
+    accepted = torch.ones(n, dtype=torch.bool) if 2 * in_1 == n else labels == int(2 * in_1 > n)
+    return decided(fl.fedavg(updates[accepted.to(updates.device)]), accepted, features=len(features))
 
 
 class Auror:
-    """Auror as a server (ALGORITHMS.md D11): the indicative features are the output layer's coordinates whose
-    centroids are more than ``alpha`` apart, collected over the first ``warmup`` rounds (the union) and fixed
-    from then on; detection runs every round with the features known so far.
+    """Auror as a server (ALGORITHMS.md D11): phase 1, the indicative features are the output layer's coordinates
+    whose 1-D 2-means centroids are more than ``alpha`` apart (``indicative_features``), collected over the first
+    ``warmup`` rounds (the union) and fixed from then on; phase 2 (``auror``) runs every round on the features
+    known so far.
 
-    From memory of the paper, as ALGORITHMS.md D11 (?verify): the two phases, tau = 0.5. Choices from FLPoison
-    (a reimplementation): the output layer, ``warmup`` = 10 rounds at paper scale, alpha dataset-dependent
-    (1e-4 on MNIST to 7e-4 on CIFAR). ``layer`` is the output layer's slice of the flat vector.
+    Shen et al.'s text of both phases could not be read here; the two phases and alpha are as every description
+    of Auror has them. Choices from FLPoison (a reimplementation): the output layer, ``warmup`` = 10 rounds at
+    paper scale, alpha dataset-dependent (1e-4 on MNIST to 7e-4 on CIFAR); FLPoison recomputes the features in each
+    warm-up round and keeps the last round's, here their union is kept. ``layer`` is the output layer's slice of
+    the flat vector.
     """
 
     def __init__(self, layer, alpha, warmup=10):
@@ -841,9 +863,16 @@ def foolsgold_weights(histories, eps=1e-5):
 
 class FoolsGold:
     """FoolsGold as a server (ALGORITHMS.md D12): H_i <- H_i + Delta_i, the sum of every update client i has sent
-    (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation; the ML code
-    sums). Similarity on the whole update (the ML code; deep-fg uses the output layer only). No importance
-    weighting, no pre-clipping. ``accepted``: alpha_i > 0."""
+    (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation). Similarity on
+    the whole update (the ML code; deep-fg uses the output layer only). No importance weighting, no
+    pre-clipping. ``accepted``: alpha_i > 0.
+
+    Why (1/n) and not the ML code's sum (``model_aggregator.foolsgold`` returns sum_i alpha_i Delta_i): both
+    official codes are FedSGD, each client sending one gradient a round, and deep-fg's ``aggregate_gradients``
+    divides the weighted sum by n before the optimiser's step. Here clients send FedAvg updates of several local
+    steps, and (1/n) sum_i alpha_i Delta_i is FedAvg itself when every alpha_i is 1, where the sum would be n
+    times FedAvg's step (25 times on digits). The price: every client with alpha_i = 0 still counts in the n, so
+    the step shrinks with the number of clients FoolsGold zeroes."""
 
     def __init__(self):
         self.history = {}
@@ -879,9 +908,18 @@ def btbcn(points, min_cluster_size=3):
     everything left is noise); stop once more than n // 2 leaves are noise. At the node reached, if one child
     holds more than n // 2 of the n clients, the larger child is benign and the smaller one malicious; otherwise
     every leaf under the node is benign. Fewer than two points: nobody is flagged.
-    The official code differs at one boundary, which is not followed: when the right child has exactly
-    min_cluster_size leaves, its ``>=`` test marks the *left* child as noise whatever its size, so a 9-client
-    majority beside a 3-client branch is discarded; the paper's rule (the small child is the noise) is used.
+
+    The official code differs at one boundary, which is not followed. Its loop runs while a child has
+    <= min_cluster_size leaves, but inside it asks which child has >= min_cluster_size leaves, so a child of
+    exactly min_cluster_size leaves counts as small in the first test and large in the second:
+    - when the right child has exactly min_cluster_size leaves, the *left* child is marked noise whatever its
+      size, so a 9-client majority beside a 3-client branch is discarded;
+    - when both children are small and one has exactly min_cluster_size leaves, the other is marked noise and the
+      walk enters the min_cluster_size-leaf child; if the noise then exceeds n // 2 the walk stops there and
+      keeps those leaves as benign (otherwise its two smaller children end as noise too, as here).
+    Here a child is small iff it has <= min_cluster_size leaves, in both places (the loop's own reading; the
+    FedDMC paper's text of the rule could not be read here): the small child is the noise, and two small children
+    are both noise, so everyone left is flagged.
     """
     from scipy.cluster.hierarchy import linkage, to_tree
 
@@ -1001,10 +1039,18 @@ def fedcpa_weights(I_local, I_global, share=0.01):
 
 class FedCPA:
     """FedCPA as a server (ALGORITHMS.md D14). Importance on the weight tensors of 2 or 4 dimensions only (linear
-    and convolution weights; ``weights`` lists their slices of the flat vector); the server remembers w^{t-2}.
-    Aggregate: (1/|S|) sum_{i in S} wv_i Delta_i over S = {i : wv_i > 0} (the code averages
-    w^{t-1} + wv_i Delta_i over S). Round 0, as the code: w^{t-1} is replaced by the plain FedAvg of the round's
-    local models and w^{t-2} by the initial model (so I_G = |(bar w - w^0) * bar w|).
+    and convolution weights; ``weights`` lists their slices of the flat vector). Aggregate: (1/|S|) sum_{i in S}
+    wv_i Delta_i over S = {i : wv_i > 0} (the code averages w^{t-1} + wv_i Delta_i over S).
+
+    Reference models: I_i = |(w_i - w^{t-1}) * w_i| against the current global model, and I_G = |(w^{t-1} -
+    w^{t-2}) * w^{t-1}| from the last two global models, wherever those exist. Round 0 has no w^{t-2}; there the
+    official code's stand-ins (``main_untargeted_attack.py``) are used for I_G: w^{t-1} -> the plain FedAvg bar w
+    of the round's local models and w^{t-2} -> w^0, so I_G = |(bar w - w^0) * bar w|. The code differs in two more
+    places, not followed because the model they replace exists: its round-0 local importance is also taken
+    against bar w (its ``prev_global_w``), not against w^0 = w^{t-1}; and its round-1 w^{t-2} is round 0's bar w
+    (its ``prev_prev_global_w`` carries the stand-in over), not w^0. Following the latter would let a round-0
+    outlier, which dominates bar w, set round 1's global reference too (a 1e12-norm update is then admitted in
+    rounds 0 and 1 instead of round 0 only). The paper (Han et al. 2023) does not say what round 0 uses.
     """
 
     def __init__(self, weights, share=0.01):
@@ -1017,7 +1063,7 @@ class FedCPA:
         w = rnd.w_global
         if len(updates) == 0:
             return decided(zero_update(updates), [])
-        if self.previous is None:  # round 0: the code's stand-ins for w^{t-1} and w^{t-2}
+        if self.previous is None:  # round 0: the code's stand-ins for I_G's w^{t-1} and w^{t-2}
             w_prev, w_prev2 = w + fl.fedavg(updates), w
         else:
             w_prev, w_prev2 = w, self.previous
@@ -1046,20 +1092,28 @@ def low_frequency_mask(H, W):
     return (a < H / 2) & (b < W / 2) & (a + b <= (H + W) // 4)
 
 
-def freqfed(updates, shape, layer):
+def freqfed(updates, w_global, shape, layer):
     """FreqFed (ALGORITHMS.md D15; FedDefuse calls it "FedFreq"). Fereidooni et al., "FreqFed: A Frequency
     Analysis-Based Approach for Mitigating Poisoning Attacks in Federated Learning", NDSS 2024.
 
-    1. Each client's output-layer weight update (``updates[:, layer]`` reshaped to ``shape`` = (out, in)) goes
-       through an orthonormal 2-D DCT-II; its low-frequency entries (``low_frequency_mask``) form F_i.
-    2. c_ij = 1 - cos(F_i, F_j); HDBSCAN (min_cluster_size 2, min_samples 1); the largest cluster is admitted
-       (ties: the lowest label), and its updates averaged (FedAvg). No cluster at all: everyone is admitted.
-    No official code exists; which tensor, the mask and HDBSCAN's parameters follow ALGORITHMS.md D15's choices
-    (the output layer's update; secretflow's reimplementation uses the local weights).
+    1. Each client's local output-layer weights W_i = (w^{t-1} + Delta_i)[layer], reshaped to ``shape`` =
+       (out, in), go through an orthonormal 2-D DCT-II; the low-frequency entries (``low_frequency_mask``) form F_i.
+    2. c_ij = 1 - cos(F_i, F_j); HDBSCAN (min_cluster_size 2, min_samples 1, no single cluster); the cluster with
+       the most members is admitted (ties: the lowest label), and its updates averaged (FedAvg, the same as
+       averaging the admitted local models). No cluster at all (everyone noise): everyone is admitted.
+
+    No official code exists (FedDefuse: "implemented according to its algorithm descriptions"); the paper's full
+    text could not be read here. Which tensor: the local *weights*, as the paper's abstract ("model updates (i.e.,
+    weights)") and secretflow's reimplementation (``agg_freqfed.py``: the local model's last weight matrix) have
+    it; the update Delta_i alone is not used (DCT is linear, so the DCT of W_i is that of w^{t-1} plus that of
+    Delta_i: the shared global part enters every F_i). The clustering follows secretflow (HDBSCAN, min_cluster_size
+    2, min_samples 1, the ``hdbscan`` package's default of no single cluster) except that its largest group may
+    be the noise label -1; here only a real cluster is admitted.
     """
     n = len(updates)
     mask = low_frequency_mask(*shape)
-    F = torch.tensor(np.stack([dct2(u.reshape(shape).cpu().numpy())[mask] for u in updates[:, layer]])
+    weights = (w_global + updates)[:, layer]
+    F = torch.tensor(np.stack([dct2(w.reshape(shape).cpu().numpy())[mask] for w in weights])
                      if n else np.zeros((0, mask.sum())))
     labels = hdbscan_labels(cosine_distances(F), 2, allow_single_cluster=False)
     clusters = labels[labels >= 0]
@@ -1075,4 +1129,4 @@ class FreqFed:
         self.layer, self.shape = layer, shape
 
     def __call__(self, updates, rnd):
-        return freqfed(updates, self.shape, self.layer)
+        return freqfed(updates, rnd.w_global, self.shape, self.layer)

@@ -222,11 +222,11 @@ class FedREDefense:
         defense's own ``test`` of one update, from the attacker's copy of K_client (K^0 for a new client), under
         the server's cap; the server's K_client is never touched.
 
-        Every trial starts from that copy, so ``passes`` is the verdict the server will reach on the update.
-        Alg. 3 instead threads K through the trials (each Reconstruction returns the K the next one starts from);
-        read literally, the fifth trial starts from a K refined by up to four caps' worth of iterations, which
-        the server does not have: on digits (round 1, targeted label flip) 6 of the 7 attackers passed their own
-        test at lambda = 4.875, and the server then flagged all 7.
+        Every trial starts from that copy, as Algorithm 3 line 5 has it (each Reconstruction takes K_i^{t-1}; the
+        K_i^t it returns is the last trial's), so ``passes`` is the verdict the server will reach on the update.
+        A variant that threads K from trial to trial (not Algorithm 3) lets the attacker test against a K refined
+        by up to four caps' worth of iterations the server does not have: on digits (round 1, targeted label
+        flip) 6 of the 7 attackers then passed their own test at lambda = 4.875, and the server flagged all 7.
         """
         copy = {client: self.knowledge[client]} if client in self.knowledge else {}
         return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])

@@ -280,8 +280,13 @@ def attacking_now(pattern, t, is_malicious, attack_rounds, attack_prob, rng):
 
 
 def attacked_krum_f(args, n):
-    """Against Krum or Multi-Krum, Fang's attack targets Krum with the f the server uses (both papers); else None."""
-    return baselines.krum_f(args.assumed_malicious, n) if args.defense in ("krum", "multikrum") else None
+    """Under full knowledge against Krum or Multi-Krum, Fang's attack targets Krum with the f the server uses (Fang
+    et al. 2020, sec. 4; FedDefuse's protocol); else None, and Fang is the trimmed-mean attack. Under partial
+    knowledge the trimmed-mean Fang runs against Krum too: FedREDefense App. A.2 names the Krum attack, but its
+    code constructs only the trimmed-mean client (``Client_Fang``) whatever the rule, so its Krum column comes
+    from that attack."""
+    krum = args.defense in ("krum", "multikrum") and args.knowledge == "full"
+    return baselines.krum_f(args.assumed_malicious, n) if krum else None
 
 
 def generator_for(seed, t, *client):
@@ -480,7 +485,7 @@ def run(args, checkpoint=None):
                 args.attack, updates[attacking.to(device)], known, n_participants=len(clients),
                 w_global=starting_models(w, groups, attackers),
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
-                signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)))
+                signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)), knowledge=args.knowledge)
 
         # Adaptive attacks (FedREDefense Alg. 3): each attacker in turn scales its poisoned update by the largest
         # lambda that the defense, run on the attacker's copy of its state, still accepts in this round.
@@ -995,7 +1000,9 @@ def summary_table(runs, metrics, layout):
             if a != "none" and values:
                 worst.append((np.mean(values), a))
         row.append(f"{100 * min(worst)[0]:.1f} ({min(worst)[1]})" if worst else "-")
-        lines.append(f"| {d} | " + " | ".join(row) + " |")
+        oracle = d == "normbound" and any(r["config"].get("norm_bound") == "oracle" for r in runs
+                                          if r["config"]["defense"] == d)
+        lines.append(f"| {d}{' (oracle M)' if oracle else ''} | " + " | ".join(row) + " |")
     return lines + [""]
 
 

@@ -56,6 +56,72 @@ def test_fang_fewer_than_two_known_updates_gives_zero():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A1(a) Fang, full knowledge
+# ---------------------------------------------------------------------------------------------------------------
+
+def fang_full_inputs():
+    """Benign updates whose columns cover every case of Fang's rule: s_j = -1 with w_max,j > 0 and <= 0, s_j = +1
+    with w_min,j > 0 and <= 0, and s_j = 0."""
+    return torch.tensor([[-1.0, -3.0, 3.0, 1.0, 1.0],
+                         [-2.0, -2.0, 2.0, 2.0, -1.0],
+                         [0.5, -1.0, 1.0, -0.5, 0.0]], dtype=torch.float64)
+
+
+def fang_full_interval(column):
+    """Fang et al. 2020, Sec. 4, full knowledge, written out per coordinate: the interval each crafted value is
+    drawn from, or None where s_j = 0 (the value is then 0)."""
+    s = math.copysign(1, sum(column)) if sum(column) != 0 else 0
+    w_max, w_min, b = max(column), min(column), 2.0
+    if s < 0:
+        return (w_max, b * w_max) if w_max > 0 else (w_max, w_max / b)
+    if s > 0:
+        return (w_min / b, w_min) if w_min > 0 else (b * w_min, w_min)
+    return None
+
+
+def test_fang_full_draws_uniformly_from_the_interval_beyond_the_benign_range():
+    benign = fang_full_inputs()
+    out = attacks.fang_full(benign, 4000, gen(3))
+    assert out.shape == (4000, 5)
+    for j in range(5):
+        interval = fang_full_interval(benign[:, j].tolist())
+        if interval is None:
+            assert (out[:, j] == 0).all()
+            continue
+        lo, hi = interval
+        values = out[:, j]
+        assert ((values >= lo - 1e-12) & (values <= hi + 1e-12)).all(), j
+        # uniform over the whole interval: the draws reach both ends and average to its midpoint
+        assert values.min() < lo + 0.01 * (hi - lo) and values.max() > hi - 0.01 * (hi - lo)
+        assert abs(values.mean().item() - (lo + hi) / 2) < 0.02 * (hi - lo)
+
+
+def test_fang_full_rows_differ_one_known_update_suffices_and_none_gives_zero():
+    benign = fang_full_inputs()
+    out = attacks.fang_full(benign, 3, gen(5))
+    assert not torch.equal(out[0], out[1]) and torch.equal(out, attacks.fang_full(benign, 3, gen(5)))
+    single = torch.tensor([[2.0, -4.0]], dtype=torch.float64)  # s = (+1, -1); w_max = w_min = the update
+    out = attacks.fang_full(single, 50, gen())
+    assert ((out[:, 0] >= 1.0) & (out[:, 0] <= 2.0)).all() and ((out[:, 1] >= -4.0) & (out[:, 1] <= -2.0)).all()
+    assert torch.equal(attacks.fang_full(randn(0, 6), 2, gen()), torch.zeros(2, 6, dtype=torch.float64))
+
+
+def test_craft_runs_fangs_full_knowledge_attack_only_under_full_knowledge():
+    honest, kw = craft_inputs(q=3)
+    known = randn(8, honest.shape[1], seed=9)
+    full = attacks.craft("fang", honest, known, generator=gen(2), knowledge="full", **kw)
+    assert torch.equal(full, attacks.fang_full(known, 3, gen(2)))
+    partial = attacks.craft("fang", honest, known, generator=gen(2), **kw)
+    assert torch.equal(partial, attacks.fang(known, 3, gen(2)))
+    assert torch.equal(attacks.craft("fang", honest, known, generator=gen(2), knowledge="partial", **kw), partial)
+    # against Krum, Fang's Krum attack whatever the knowledge
+    krum = attacks.craft("fang", honest, known, generator=gen(2), knowledge="full", krum_f=3, **kw)
+    assert torch.equal(krum, attacks.fang_krum(known, 3, 3, gen(2), n_participants=kw["n_participants"]))
+    with pytest.raises(ValueError):
+        attacks.craft("fang", honest, known, generator=gen(2), knowledge="oracle", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # A3 LIE
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -469,15 +469,37 @@ def test_auror_flags_the_small_blob():
     np.testing.assert_allclose(d.update.numpy(), U[:7].numpy().mean(0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("tau", [0.5, 0.3])
-def test_auror_flags_minority_in_more_than_tau_of_features(tau):
-    """A client is flagged iff it lies in the minority cluster in more than tau of the features (auror docstring)."""
-    minorities = [{0, 1, 9}, {0, 1, 8}, {0, 7, 8}, {7, 8, 9}, {2, 3, 4}]  # 3 of 10 clients in each feature
-    U = torch.tensor([[float(c in m) for m in minorities] for c in range(10)], dtype=torch.float64)
-    share = [sum(c in m for m in minorities) / len(minorities) for c in range(10)]
-    d = baselines.auror(U, torch.arange(len(minorities)), tau=tau)
-    assert d.accepted.tolist() == [not f > tau for f in share]
-    assert (~d.accepted).sum() == (2 if tau == 0.5 else 5)
+def exact_two_means(points):
+    """The optimal 2-means partition of a few points by enumeration: the split minimising the within-cluster sum
+    of squared distances to the two centroids. Returns the bool mask of the smaller part."""
+    n = len(points)
+    best, best_sse = None, math.inf
+    for bits in range(1, 2 ** (n - 1)):  # client n-1 always in part 0: each split once
+        part = np.array([(bits >> i) & 1 for i in range(n)], dtype=bool)
+        sse = sum(((points[p] - points[p].mean(0)) ** 2).sum() for p in (part, ~part))
+        if sse < best_sse:
+            best, best_sse = part, sse
+    return best if best.sum() < n - best.sum() else ~best
+
+
+def test_auror_clusters_the_indicative_features_jointly():
+    """Three groups of 3 on two features: A = (6, 0), B = (0, 5), C = (0, 0). Each feature alone has a different
+    minority (A on the first, B on the second), so a per-feature vote flags nobody; 2-means on both features
+    jointly splits A off (its SSE 37.5 against 54 for B and 91.5 for C), and A is flagged."""
+    centres = np.array([[6.0, 0.0]] * 3 + [[0.0, 5.0]] * 3 + [[0.0, 0.0]] * 3)
+    points = centres + 0.05 * randn(9, 2, seed=4).numpy()
+    minority = exact_two_means(points)
+    assert minority.tolist() == [True] * 3 + [False] * 6
+    U = torch.cat([torch.tensor(points), randn(9, 3, seed=5)], 1)  # two indicative features, three others
+    d = baselines.auror(U, torch.tensor([0, 1]))
+    assert d.accepted.tolist() == (~minority).tolist()
+    np.testing.assert_allclose(d.update.numpy(), U[3:].numpy().mean(0), rtol=1e-12)
+
+
+def test_auror_equal_clusters_or_no_features_flag_nobody():
+    U = torch.tensor([[0.0], [0.1], [5.0], [5.1]], dtype=torch.float64)
+    assert baselines.auror(U, torch.tensor([0])).accepted.all()
+    assert baselines.auror(randn(5, 4), torch.zeros(0, dtype=torch.long)).accepted.all()
 
 
 def test_auror_features_with_identical_clusters_are_not_indicative():
@@ -562,12 +584,21 @@ def test_btbcn_flags_singleton_noise_and_small_blob():
 
 
 def test_btbcn_discards_the_small_branch_not_the_majority():
-    """A 9-client branch (sub-blobs of 5 and 4) beside a 3-client branch: the 3 are the noise (the paper's rule),
+    """A 9-client branch (sub-blobs of 5 and 4) beside a 3-client branch: the 3 are the noise (the loop's rule),
     where the official code's ``>=`` boundary discards the 9 whenever the 3 are the right child (D13 step 3)."""
     for seed in range(5):
         points = torch.cat([0.05 * randn(5, 10, seed=seed), 1 + 0.05 * randn(4, 10, seed=seed + 10),
                             10 + 0.05 * randn(3, 10, seed=seed + 20)])
         assert baselines.btbcn(points, 3).tolist() == [False] * 9 + [True] * 3
+
+
+def test_btbcn_two_small_children_are_both_noise():
+    """Both children of the node reached small (3 and 3 leaves): everything left is noise, so all 9 are flagged
+    (D13 step 3). The Ward tree in 1-D: the root splits off a far pair, then a singleton, leaving two triples. The
+    official code's ``>=`` test would take one triple for the large child, reach 6 noise leaves (> 9 // 2) and
+    keep the other triple as benign."""
+    points = torch.tensor([[60.0], [60.5], [20.0], [0.0], [0.1], [0.2], [5.0], [5.1], [5.2]], dtype=torch.float64)
+    assert baselines.btbcn(points, 3).tolist() == [True] * 9
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -639,28 +670,30 @@ def test_critical_similarity_identical_clients():
     assert baselines.critical_similarity(*a, *a) == pytest.approx(2.0, abs=1e-12)
 
 
-def test_fedcpa_server_weights_and_aggregate_over_two_rounds():
-    """FedCPA's server over rounds 0 and 1 equals the D14 steps 1-7 in numpy (importances, stand-ins, aggregate)."""
+def test_fedcpa_server_weights_and_aggregate_over_three_rounds():
+    """FedCPA's server over rounds 0-2 equals the D14 steps 1-7 in numpy: I_i against the current global model
+    every round, I_G from the last two global models, and only round 0's I_G from the code's stand-ins (the
+    round's plain FedAvg bar w and w^0); round 1's w^{t-2} is w^0, not round 0's bar w as in the code."""
     weights = [slice(0, 150), slice(160, 400)]
     server = baselines.FedCPA(weights, share=0.05)
 
     def importance(delta, w):
         return np.abs(np.concatenate([delta[..., s] * w[..., s] for s in weights], -1))
 
-    w = randn(420, seed=1).numpy()
-    w_before = None
-    for t in range(2):
+    globals_ = [randn(420, seed=1).numpy()]  # w^0, w^1, ...
+    for t in range(3):
+        w = globals_[-1]
         U = (randn(420, seed=10 + t) + 0.5 * randn(6, 420, seed=20 + t)).numpy()
         if t == 0:
-            w_prev, w_prev2 = w + U.mean(0), w
+            reference = importance(w + U.mean(0) - w, w + U.mean(0))
         else:
-            w_prev, w_prev2 = w, w_before
-        wv = ref_fedcpa_weights(importance(U, w + U), importance(w_prev - w_prev2, w_prev), 0.05)
+            reference = importance(w - globals_[-2], w)
+        wv = ref_fedcpa_weights(importance(U, w + U), reference, 0.05)
         d = server(torch.from_numpy(U), make_round(torch.from_numpy(U), w_global=torch.from_numpy(w), t=t))
         kept = wv > 0
         np.testing.assert_allclose(d.update.numpy(), wv[kept] @ U[kept] / kept.sum(), rtol=1e-9, atol=1e-12)
         assert d.accepted.tolist() == kept.tolist()
-        w_before, w = w, w + d.update.numpy()
+        globals_.append(w + d.update.numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -694,13 +727,14 @@ def freqfed_case():
 def test_freqfed_admits_largest_cluster_and_is_scale_invariant():
     """The largest cluster is admitted and averaged; scaling an update by c > 0 keeps the admitted set (D15 test 2)."""
     U, layer, shape = freqfed_case()
-    d = baselines.freqfed(U, shape, layer)
+    d = baselines.freqfed(U, torch.zeros(U.shape[1], dtype=U.dtype), shape, layer)  # w^{t-1} = 0: W_i = Delta_i
     assert d.accepted.tolist() == [True] * 6 + [False] * 3
     np.testing.assert_allclose(d.update.numpy(), U[:6].numpy().mean(0), rtol=1e-12)
     for i, c in [(0, 10.0), (2, 0.05), (7, 3.0), (8, 1e-3)]:
         scaled = U.clone()
         scaled[i] *= c
-        assert baselines.freqfed(scaled, shape, layer).accepted.tolist() == d.accepted.tolist()
+        assert baselines.freqfed(scaled, torch.zeros(U.shape[1], dtype=U.dtype), shape, layer).accepted.tolist() \
+            == d.accepted.tolist()
 
 
 def test_freqfed_clusters_on_low_frequencies_only():
@@ -714,7 +748,59 @@ def test_freqfed_clusters_on_low_frequencies_only():
     U = torch.tensor(np.stack(rows))
     cos = 1 - baselines.cosine_distances(U).numpy()
     assert np.abs(cos[np.triu_indices(9, 1)]).max() < 0.3  # in the raw space nobody is close to anybody
-    assert baselines.freqfed(U, shape, slice(0, 120)).accepted.tolist() == [True] * 6 + [False] * 3
+    assert baselines.freqfed(U, torch.zeros(120, dtype=U.dtype), shape, slice(0, 120)).accepted.tolist() \
+        == [True] * 6 + [False] * 3
+
+
+def ref_freqfed_admitted(matrices):
+    """FreqFed's admitted set written from its description: orthonormal 2-D DCT-II of each client's matrix, the
+    entries with a < H/2, b < W/2, a + b <= floor((H+W)/4), 1 - cosine distances, HDBSCAN (min_cluster_size 2,
+    min_samples 1, no single cluster), the cluster with the most members."""
+    from sklearn.cluster import HDBSCAN
+
+    H, W = matrices[0].shape
+    keep = [(a, b) for a in range(H) for b in range(W) if a < H / 2 and b < W / 2 and a + b <= (H + W) // 4]
+    F = np.array([[scipy.fft.dctn(m, type=2, norm="ortho")[a, b] for a, b in keep] for m in matrices])
+    unit = F / np.linalg.norm(F, axis=1, keepdims=True)
+    dist = np.clip(1 - unit @ unit.T, 0, 2)
+    np.fill_diagonal(dist, 0)
+    labels = HDBSCAN(metric="precomputed", min_cluster_size=2, min_samples=1, copy=True).fit_predict(dist)
+    sizes = collections.Counter(labels[labels >= 0].tolist())
+    if not sizes:
+        return [True] * len(matrices)  # no cluster: everyone
+    largest = max(sizes, key=lambda label: (sizes[label], -label))  # ties: the lowest label
+    return (labels == largest).tolist()
+
+
+def test_freqfed_analyses_the_local_weights_not_the_updates():
+    """FreqFed's DCT is of the local models' output-layer weights w^{t-1} + Delta_i. Built on low frequencies
+    e_0..e_8 of the DCT, with w^{t-1} = 10 e_8 on the layer: the local weights of clients 0-5 are e_0, e_0, e_1,
+    e_1, e_2, e_2 (three pairs, cosine distance 1 apart), those of 6-8 are 10 e_8 + e_5, e_6, e_7 (distance 0.01):
+    four clusters, 6-8 the largest. Their updates, e_p - 10 e_8 for 0-5 and e_5, e_6, e_7 for 6-8, cluster
+    otherwise, so an analysis of the updates would not admit 6-8."""
+    shape, layer = (4, 12), slice(3, 51)
+    keep = [(a, b) for a in range(4) for b in range(12) if a < 2 and b < 6 and a + b <= 4]
+
+    def matrix(coefficients):
+        V = np.zeros(shape)
+        for (a, b), c in zip(keep, coefficients):
+            V[a, b] = c
+        return scipy.fft.idctn(V, type=2, norm="ortho")
+
+    e = np.eye(len(keep))
+    local = [matrix(e[p]) for p in (0, 0, 1, 1, 2, 2)] + [matrix(10 * e[8] + e[k]) for k in (5, 6, 7)]
+    w_global = torch.zeros(53, dtype=torch.float64)
+    w_global[layer] = torch.from_numpy(matrix(10 * e[8]).ravel())
+    updates = randn(9, 53, seed=3)
+    updates[:, layer] = torch.from_numpy(np.stack([m.ravel() for m in local])) - w_global[layer]
+    expected = ref_freqfed_admitted(local)
+    assert expected == [False] * 6 + [True] * 3
+    assert ref_freqfed_admitted([u[layer].reshape(shape).numpy() for u in updates]) != expected
+    d = baselines.freqfed(updates, w_global, shape, layer)
+    assert d.accepted.tolist() == expected
+    np.testing.assert_allclose(d.update.numpy(), updates[6:].numpy().mean(0), rtol=1e-12)
+    rnd = make_round(updates, w_global=w_global)
+    assert baselines.FreqFed(layer, shape)(updates, rnd).accepted.tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,3 +126,13 @@ def test_bad_grid_flags_get_one_line_and_exit_code_2(argv, flag, tmp_path, capsy
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and error.count("\n") == 1
     assert error.startswith(f"run.py: error: argument {flag}:")
+
+
+def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
+    """--table fedredefense-2 runs Norm bound with FedREDefense's M, the mean norm of the truly benign updates: its
+    summary row says so, and a Norm bound row with a median or fixed M does not."""
+    final = {"tacc": 0.5, "asr": None}
+    runs = [{"config": {"defense": "normbound", "attack": "none", "norm_bound": m}, "final": final}
+            for m in ("oracle", "median")]
+    assert run.summary_table(runs[:1], ["tacc"], "tacc")[2].startswith("| normbound (oracle M) | ")
+    assert run.summary_table(runs[1:], ["tacc"], "tacc")[2].startswith("| normbound | ")

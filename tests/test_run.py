@@ -334,17 +334,25 @@ def test_norm_bound_thresholds():
     assert torch.allclose(fixed, (torch.tensor([0.6, 0.8]) + updates[1] + torch.tensor([0.0, 1.0])) / 3)
 
 
-def test_fang_becomes_the_attack_on_krum_against_krum_only(monkeypatch, tmp_path):
+def test_fang_is_the_attack_on_krum_only_under_full_knowledge_against_krum(monkeypatch, tmp_path):
+    """Partial knowledge (FedREDefense's protocol): the trimmed-mean Fang against every rule, as the FedREDefense
+    code runs it. Full knowledge: Fang's attack on Krum against Krum and Multi-Krum, its full-knowledge
+    trimmed-mean attack against the others."""
     chosen = []
     monkeypatch.setattr(run.attacks, "fang_krum", lambda known, q, f, g, **kw: chosen.append(("krum", f)) or
                         torch.zeros(q, known.shape[1]))
     monkeypatch.setattr(run.attacks, "fang", lambda known, q, g: chosen.append(("trim", None)) or
                         torch.zeros(q, known.shape[1]))
-    for defense in ("krum", "multikrum", "median"):
-        chosen.clear()
-        run.run(run.parse_args(TINY + ["--defense", defense, "--attack", "fang", "--assumed-malicious", "3",
-                                       "--out", str(tmp_path)]))
-        assert chosen == ([("krum", 3)] * 2 if defense != "median" else [("trim", None)] * 2)
+    monkeypatch.setattr(run.attacks, "fang_full", lambda known, q, g, **kw: chosen.append(("full", None)) or
+                        torch.zeros(q, known.shape[1]))
+    for knowledge in ("partial", "full"):
+        for defense in ("krum", "multikrum", "median"):
+            chosen.clear()
+            run.run(run.parse_args(TINY + ["--defense", defense, "--attack", "fang", "--assumed-malicious", "3",
+                                           "--knowledge", knowledge, "--out", str(tmp_path / knowledge / defense)]))
+            expected = (("trim", None) if knowledge == "partial" else
+                        ("krum", 3) if defense != "median" else ("full", None))
+            assert chosen == [expected] * 2
 
 
 def test_adaptive_attackers_record_their_lambda_and_test_on_a_copy_of_the_defense(tmp_path):
