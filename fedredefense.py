@@ -130,11 +130,24 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
 
 
 def clients_per_batch(n_params, device):
-    """How many clients ``reconstruct`` vmaps together. On a CPU, batching pays while the layers are small and
-    loses once the arithmetic dominates (measured with ``python fedredefense.py``: vmapping 7-25 clients gives
-    2.5-3x a per-client loop for digits' 35k-parameter CNN, 1.3x for the 140k FMNIST CNN, 0.5-0.8x for the
-    1.2M CIFAR CNN), so a CPU batch holds at most 2M parameters. A GPU takes a whole round at once (not measured)."""
+    """How many clients one vmapped evaluation holds at most. On a CPU, batching pays while the layers are small
+    and loses once the arithmetic dominates (measured with ``python fl.py``), so a CPU batch holds at most 2M
+    parameters (14 clients of the FashionMNIST CNN, one of the CIFAR CNN). A GPU takes a whole round at once (not
+    measured)."""
     return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
+
+
+def outer_gradient(model, w_global, params, updates, clients, caps, m, hp):
+    """One outer evaluation of Algorithm 2 (lines 5-11) for ``clients``: their errors e (on the CPU), which of
+    them go on (finite, e >= gamma, cap not spent) and the gradient of e with respect to their K_i and alpha_i
+    (None if none goes on). The rows of ``params`` are only read, so batches of clients can run at once."""
+    own = [p[clients].detach().requires_grad_(True) for p in params]
+    e = reconstruction_error(simulated_updates(model, w_global, *own, hp.inner_steps), updates[clients])
+    e_now = e.detach().cpu()
+    go_on = torch.isfinite(e_now) & (e_now >= hp.gamma) & (m < caps[clients])
+    # Clients are independent: each K_i gets only its own gradient.
+    grads = torch.autograd.grad(e[go_on.to(e.device)].sum(), own) if go_on.any() else None
+    return e_now, go_on, grads
 
 
 def reconstruct(model, w_global, updates, knowledge, caps, hp):
@@ -144,42 +157,40 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     Each client's outer loop takes SGD steps (momentum 0.5) on its own K_i and alpha_i against its own loss
     L_m = e(w_hat_N - w_hat_0, g_i) through the N unrolled inner steps, and stops as soon as e < gamma or its
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
-    its last finite error (inf if none). The clients still running are evaluated ``clients_per_batch`` at a time;
-    they are independent, so the batching changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]),
-    iterations counting evaluations of the unrolled training: the outer iterations of Table 9's AOI (an early
-    stop at the first check counts 1, as in the official code).
+    its last finite error (inf if none). The clients still running are evaluated in batches of
+    ``clients_per_batch``, one batch per core at a time (``fl.on_cores``); they are independent, so the batching
+    changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]), iterations counting evaluations of the
+    unrolled training: the outer iterations of Table 9's AOI (an early stop at the first check counts 1, as in
+    the official code).
     """
-    params = [t.clone().requires_grad_(True) for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
+    params = [t.clone() for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
     lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
-    n, batch = len(updates), clients_per_batch(updates.shape[1], updates.device)
+    n, most = len(updates), clients_per_batch(updates.shape[1], updates.device)
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
         fl.show_progress(lambda: f"reconstructing {len(active)} of {n} updates: outer iteration {m + 1}, at most "
                                  f"{int(caps[active].max()) + 1}")
+        batches = active.split(most)
+        evaluated = fl.on_cores(lambda model_, clients: outer_gradient(model_, w_global, params, updates, clients,
+                                                                       caps, m, hp), batches, model)
         stepping = []
-        for clients in active.split(batch):
-            e = reconstruction_error(simulated_updates(model, w_global, *(p[clients] for p in params),
-                                                       hp.inner_steps), updates[clients])
-            e_now = e.detach().cpu()
+        for clients, (e_now, go_on, grads) in zip(batches, evaluated):
             finite = torch.isfinite(e_now)  # a zero update's huge error can blow the outer step up: stop there
             errors[clients[finite]], iterations[clients] = e_now[finite], m + 1
-            go_on = finite & (e_now >= hp.gamma) & (m < caps[clients])
-            if go_on.any():
-                e[go_on.to(e.device)].sum().backward()  # clients are independent: each K_i gets only its gradient
-            stepping.append(clients[go_on])
-        step = torch.cat(stepping)
-        if len(step) == 0:
-            break
-        with torch.no_grad():
-            for p, v, lr in zip(params, velocity, lrs):
-                v[step] = hp.momentum * v[step] + p.grad[step]
+            if grads is None:
+                continue
+            step = clients[go_on]
+            for p, v, grad, lr in zip(params, velocity, grads, lrs):
+                v[step] = hp.momentum * v[step] + grad[go_on.to(grad.device)]
                 p[step] -= lr * v[step]
-                p.grad = None
-        active = step
+            stepping.append(step)
+        if not stepping:
+            break
+        active = torch.cat(stepping)
     fl.end_progress()
-    return errors, Knowledge(*(p.detach() for p in params)), iterations
+    return errors, Knowledge(*params), iterations
 
 
 class FedREDefense:
@@ -233,7 +244,7 @@ class FedREDefense:
 
 
 def plain_reconstruction(model, w0, g, knowledge, iters, hp):
-    """The reference ``benchmark`` measures ``reconstruct`` against: Algorithm 2 for one client, written the plain
+    """The reference ``python fl.py`` measures ``reconstruct`` against: Algorithm 2 for one client, written the plain
     way the official code writes it (one flat parameter vector, as its ReparamModule; N unrolled steps of
     torch.autograd.grad(create_graph=True); one backward of e), for ``iters`` outer SGD steps without early stop.
     Returns (e of the final K, the final K)."""
@@ -254,43 +265,3 @@ def plain_reconstruction(model, w0, g, knowledge, iters, hp):
             for p, v, grad, lr in zip(params, velocity, grads, (hp.lr_images, hp.lr_labels, hp.lr_alpha)):
                 v.mul_(hp.momentum).add_(grad)
                 p -= lr * v
-
-
-def benchmark(device="cpu", clients=(1, 10, 25), iters=4):
-    """Client outer-iterations per second of ``reconstruct`` and of ``plain_reconstruction`` (one client after
-    another) on the CNNs of Tables 5 and 6 and the digits CNN of the default run, the same random updates and K^0,
-    and their ratio.
-
-    Every client runs all ``iters`` outer steps (gamma = 0 disables the early stop) and every evaluation of the
-    unrolled training counts, iters + 1 per client. Usage: ``python fedredefense.py [cpu|cuda]``.
-    """
-    import time
-
-    def rate(run, n):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return n * (iters + 1) / (time.perf_counter() - start)
-
-    print(f"{device}, {torch.get_num_threads()} threads; client outer iterations/s")
-    for channels, side, dataset in ((1, 28, "fmnist"), (3, 32, "cifar10"), (1, 8, "digits")):
-        hp = dataclasses.replace(HYPER[dataset], first_iters=iters, max_iters=iters, gamma=0.0)
-        model = fl.CNN(channels, side).to(device).requires_grad_(False)
-        w = fl.flatten_params(model)
-        k0 = initial_knowledge((channels, side, side), 10, hp, torch.Generator().manual_seed(0), device)
-        for n in clients:
-            g = 1e-3 * torch.randn(n, len(w), generator=torch.Generator().manual_seed(1)).to(device)
-            k = Knowledge.stack([k0] * n)
-            reconstruct(model, w, g, k, torch.full((n,), 1), hp)  # warm-up
-            fast = rate(lambda: reconstruct(model, w, g, k, torch.full((n,), iters), hp), n)
-            plain = rate(lambda: [plain_reconstruction(model, w, g[i], k0, iters, hp) for i in range(n)], n)
-            print(f"{channels}x{side:>2}x{side:<2} CNN ({len(w):>9,} parameters), {n:>3} clients: reconstruct "
-                  f"{fast:6.1f}, plain loop {plain:6.1f}, ratio {fast / plain:4.2f}", flush=True)
-
-
-if __name__ == "__main__":
-    import sys
-    benchmark(sys.argv[1] if len(sys.argv) > 1 else "cpu")

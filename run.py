@@ -31,7 +31,26 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+
+def cores_in_use():
+    """Whether other work keeps the cores busy as this process starts: a 1-minute load of 0.25 or more, or another
+    runnable thread right now (Linux's /proc/loadavg)."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0]) - 1  # less this process
+    except OSError:
+        running = 0
+    return os.getloadavg()[0] >= 0.25 or running > 0
+
+
+# Cores shared with other work: OpenMP threads that spin while they wait take the cores from each other (two runs
+# side by side on two cores each went 60x slower), so this run's threads sleep while they wait instead (alone that
+# costs up to 2.7x, README "Speed"). It must be set before torch loads OpenMP; the numbers do not depend on it.
+SHARED_CORES = "OMP_WAIT_POLICY" not in os.environ and cores_in_use()
+if SHARED_CORES:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import numpy as np  # after the OpenMP setting
 import torch
 
 import attacks
@@ -428,6 +447,7 @@ def run(args, checkpoint=None):
     # The last q ids, as in the official code; with no attack nobody is malicious, for the metrics too.
     malicious = set(range(args.clients - args.malicious, args.clients)) if args.attack != "none" else set()
     model = fl.MODELS[args.model](ds.x_train.shape[1], ds.x_train.shape[2], ds.num_classes).to(device)
+    model, x_train, x_test = fl.in_fast_format(model, x_train, x_test)
     w = w_init = fl.flatten_params(model)
     lr = fl.LOCAL_LR[args.dataset]
     pixels = data.trigger_pixels(ds.x_train.shape[2])
@@ -447,6 +467,9 @@ def run(args, checkpoint=None):
         print(f"resuming {args.out} after round {len(rounds)}", flush=True)
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
     print(f"threat model: {threat_model(args)}; {scale_of(args)}", flush=True)
+    if SHARED_CORES:
+        print("other work is using the cores: this run's threads sleep while they wait, which is slower than on "
+              "idle cores (run several settings as one grid, with --jobs, rather than side by side)", flush=True)
 
     for t in range(len(rounds), args.rounds):
         tic = time.time()
@@ -456,19 +479,20 @@ def run(args, checkpoint=None):
         is_malicious = torch.tensor([c in malicious for c in clients])
         attacking = attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
 
-        # Local training: genuine, or on poisoned data for an attacking Scaling/DBA client.
-        updates = []
-        for c, attacks_now in zip(clients, attacking.tolist()):
+        # Local training: genuine, or on poisoned data for an attacking Scaling/DBA client; clients run one per
+        # core (``fl.on_cores``), each on its own copy of the model.
+        def local_training(m, client):
+            c, attacks_now = client
             x, y, g = x_train[parts[c]], y_train[parts[c]], generator_for(args.seed, t, c)
             w_c = starting_models(w, groups, [c]).reshape(-1)
             if attacks_now and args.attack in attacks.BACKDOOR:
                 trigger = pixels if args.attack == "scaling" else [pixels[c % 4]]  # DBA: pattern = id mod 4
-                updates.append(attacks.backdoor_update(model, w_c, x, y, data.add_trigger(x, trigger),
-                                                       BACKDOOR_TARGET, lr, g))
-            else:
-                if attacks_now and args.attack in attacks.LABEL_FLIP:
-                    y = attacks.flip_labels(args.attack, y, ds.num_classes)
-                updates.append(fl.local_update(model, w_c, x, y, lr, g))
+                return attacks.backdoor_update(m, w_c, x, y, data.add_trigger(x, trigger), BACKDOOR_TARGET, lr, g)
+            if attacks_now and args.attack in attacks.LABEL_FLIP:
+                y = attacks.flip_labels(args.attack, y, ds.num_classes)
+            return fl.local_update(m, w_c, x, y, lr, g)
+
+        updates = fl.on_cores(local_training, list(zip(clients, attacking.tolist())), model)
         updates = torch.stack(updates) if updates else w_init.new_zeros(0, len(w_init))
 
         # Reject non-finite updates before any attack statistic or defense sees them.
@@ -922,6 +946,8 @@ def run_grid(argv):
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and jobs > 1:  # one core's share each; README: results depend on it
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if jobs > 1:  # the cells share the cores (SHARED_CORES)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"{len(cells)} cells: {len(cells) - len(pending) - len(failed)} already done, {len(failed)} invalid, "
           f"{len(pending)} to run with {jobs} worker(s) under {root}", flush=True)
     start, done = time.time(), 0

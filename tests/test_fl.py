@@ -92,3 +92,54 @@ def test_asr_ignores_target_class_images():
     trigger = lambda imgs: torch.where(torch.arange(len(imgs))[:, None, None, None] % 2 == 0, -imgs, imgs)
     # non-target images are 2..5; the trigger lands on 2 and 4 only: ASR = 2 / 4, whatever class-0 images do
     assert fl.attack_success_rate(model, w, x, y, trigger, target=0) == 0.5
+
+
+@pytest.mark.parametrize("channels, side", [(1, 28), (1, 8)])
+def test_the_cnn_pooling_before_relu_is_table_5s_function_and_gradient(channels, side):
+    """max_pool(ReLU(x)) (Table 5's order) and ReLU(max_pool(x)) agree in output and in every gradient."""
+    fast, textbook = fl.CNN(channels, side), fl.TextbookCNN(channels, side)
+    textbook.load_state_dict(fast.state_dict())
+    x = torch.randn(6, channels, side, side, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    for model in (fast, textbook):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.equal(fast(x), textbook(x))
+    for a, b in zip(fast.parameters(), textbook.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_clients_trained_on_cores_in_channels_last_equal_the_plain_nchw_loop(monkeypatch):
+    """run.py's local training (two worker threads, channels-last, fl.sgd_epoch) gives every client the update of
+    the obvious code: the Table 5 CNN in NCHW, torch.optim.SGD, one client after another (1e-5 relative)."""
+    monkeypatch.setattr(fl, "cores", lambda device: 2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 70, 1, 28, 28, generator=gen), torch.randint(0, 10, (5, 70), generator=gen)
+    plain_model = fl.TextbookCNN(1, 28)
+    w = fl.flatten_params(plain_model)
+    plain = []
+    for c in range(5):
+        fl.load_params(plain_model, w)
+        optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.05)
+        for batch in torch.randperm(70, generator=torch.Generator().manual_seed(c)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(plain_model(x[c][batch]), y[c][batch]).backward()
+            optimizer.step()
+        plain.append(fl.flatten_params(plain_model) - w)
+    model, x_fast = fl.in_fast_format(fl.CNN(1, 28), x.flatten(0, 1))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x_fast = x_fast.view(5, 70, 1, 28, 28)
+    fast = fl.on_cores(lambda m, c: fl.local_update(m, w, x_fast[c], y[c], 0.05, torch.Generator().manual_seed(c)),
+                       list(range(5)), model)
+    for f, p in zip(fast, plain):
+        assert (f - p).norm() <= 1e-5 * p.norm()
+
+
+def test_predictions_on_cores_in_channels_last_equal_the_plain_nchw_model(monkeypatch):
+    monkeypatch.setattr(fl, "cores", lambda device: 2)
+    textbook = fl.TextbookCNN(1, 28)
+    w = fl.flatten_params(textbook)
+    x = torch.randn(700, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = textbook(x).argmax(1)
+    model, x_fast = fl.in_fast_format(fl.CNN(1, 28), x)
+    assert torch.equal(fl.predict(model, w, x_fast, batch_size=64), plain)
