@@ -33,14 +33,12 @@ import time
 
 
 def cores_in_use():
-    """Whether other work keeps the cores busy as this process starts: a 1-minute load of 0.25 or more, or another
-    runnable thread right now (Linux's /proc/loadavg)."""
+    """Whether another thread is runnable as this process starts (Linux's /proc/loadavg; elsewhere: unknown, no)."""
     try:
         with open("/proc/loadavg") as f:
-            running = int(f.read().split()[3].split("/")[0]) - 1  # less this process
-    except OSError:
-        running = 0
-    return os.getloadavg()[0] >= 0.25 or running > 0
+            return int(f.read().split()[3].split("/")[0]) > 1  # this process's own thread is one of them
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 # Cores shared with other work: OpenMP threads that spin while they wait take the cores from each other (two runs
