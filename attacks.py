@@ -1,22 +1,23 @@
 """Model-poisoning attacks: what the malicious clients upload in a round.
 
-Specification: ``reference/ALGORITHMS.md`` sections A1 (variants a and b), A2, A3-A13, and
-``reference/fedredefense-official-code.md`` sec. 3 (what the official FedREDefense code does).
+Sources: each function names its attack's paper. The seed papers' settings are FedREDefense (ICML 2024) sec. 5.1.2
+and App. A.2, and FedDefuse App. B.1; where the FedREDefense authors' code (github: xyq7/FedREDefense,
+``codes/client.py``) differs from a paper, the docstring says which one is followed.
 
 Conventions (those of ``fl.py``):
 - Parameters and updates are flat vectors; an update is ``g = w_local - w_global``; a set of updates is ``[n, d]``.
 - Crafted attacks (``CRAFTED``) start from the genuine updates the attackers computed this round by training
-  honestly on their own data, and collude on a *known* set of genuine updates (ALGORITHMS.md sec. 1, "Collusion
-  protocol"): partial knowledge (every compromised participant's, FedREDefense sec. 3 and its official code) or
-  full knowledge (every participant's, FedDefuse). ``craft`` takes both; every statistic-based function takes the
-  known set as its ``honest`` argument.
+  honestly on their own data, and collude on a *known* set of genuine updates: partial knowledge (every
+  compromised participant's, FedREDefense sec. 3 and its official code) or full knowledge (every participant's,
+  FedDefuse). ``craft`` takes both; every statistic-based function takes the known set as its ``honest``
+  argument.
 - Backdoor attacks (``BACKDOOR``) poison the local training itself (``backdoor_update``); so do the label flips
   (``LABEL_FLIP``, ``flip_labels``: data poisoning, FedREDefense sec. 6.1), whose adaptive variants (``ADAPTIVE``)
   then scale the update by the largest factor the defense still accepts (``adaptive_scale``, Algorithm 3).
 - Every random draw uses the ``torch.Generator`` passed in (a CPU generator) and is made on the CPU, then moved to
   the input's device, so the same seed gives the same attack on every device.
 - Fewer than 2 known updates leave the standard deviation undefined; the statistics-based attacks (Fang, LIE,
-  Min-Max, Min-Sum) then send the zero update, as the official FedREDefense code does (ALGORITHMS.md sec. 1).
+  Min-Max, Min-Sum) then send the zero update, as the FedREDefense authors' code does.
 """
 import math
 from statistics import NormalDist
@@ -43,11 +44,11 @@ def _rand(shape, generator, like, normal=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A1. Fang (trimmed-mean / median attack), partial knowledge (b) and full knowledge (a)
+# Fang (trimmed-mean / median attack), partial and full knowledge (Fang et al., USENIX Security 2020, sec. 4)
 # ---------------------------------------------------------------------------------------------------------------
 
 def fang(honest, n_out, generator):
-    """Fang attack on Trimmed-mean/Median, partial-knowledge variant (ALGORITHMS.md A1(b)).
+    """Fang attack on Trimmed-mean/Median, partial-knowledge variant.
 
     Source: Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated Learning",
     USENIX Security 2020, Sec. 4; the variant is the one the FedREDefense code runs (``client.py:Client_Fang``),
@@ -69,8 +70,8 @@ def fang(honest, n_out, generator):
       and the deterministic midpoint 3.5 sigma instead of a uniform draw.
     - mu_j == 0 gives 0 (= mu_j), as in the FedREDefense code; Fang's paper does not cover it.
     - m < 2 (std undefined) gives zero updates, as in the FedREDefense code.
-    - Against Krum the papers run Fang's Krum-specific attack instead (A2, ``fang_krum``; ``craft`` chooses).
-    - Under full knowledge ``craft`` runs Fang's own full-knowledge attack instead (A1(a), ``fang_full``).
+    - Against Krum the papers run Fang's Krum-specific attack instead (``fang_krum``; ``craft`` chooses).
+    - Under full knowledge ``craft`` runs Fang's own full-knowledge attack instead (``fang_full``).
 
     Returns ``[n_out, d]``.
     """
@@ -86,9 +87,9 @@ def fang(honest, n_out, generator):
 
 
 def fang_full(benign, n_out, generator, b=2.0):
-    """Fang attack on Trimmed-mean/Median, full-knowledge variant (ALGORITHMS.md A1(a)): the attack as its paper
-    states it. Fang, Cao, Jia, Gong, USENIX Security 2020, Sec. 4 ("attacking Trimmed mean", full knowledge; the
-    same crafted values attack Median).
+    """Fang attack on Trimmed-mean/Median, full-knowledge variant: the attack as its paper states it. Fang, Cao,
+    Jia, Gong, USENIX Security 2020, Sec. 4 ("attacking Trimmed mean", full knowledge; the same crafted values
+    attack Median).
 
     Formula, per coordinate j, with s_j the sign of the benign aggregate and w_max,j / w_min,j the largest and
     smallest benign value:
@@ -107,13 +108,13 @@ def fang_full(benign, n_out, generator, b=2.0):
       FLDetector's code (``get_malicious_updates_fang_trmean``, ``full_trim``, both on gradients).
     - s = sign of the *mean* of ``benign``: Fang defines s_j as the direction of the global model's change
       without attack, which the attacker computes from the genuine updates; the mean (FedAvg's aggregate) is
-      what FLDetector's ``full_trim`` (the sign of the sum) and A1(b) use, not the trimmed mean of the AGR.
+      what FLDetector's ``full_trim`` (the sign of the sum) and ``fang`` use, not the trimmed mean of the AGR.
     - The bounds come from ``benign`` as given. Fang's w_max,j / w_min,j are over the benign devices; here the
       attackers' own genuine updates are among them (FLDetector's ``full_trim`` takes the max/min over all
       devices' genuine gradients the same way). They are honestly trained, so they are benign-distributed.
     - Uniform draws, as Fang's text and Shejwalkar's code; FLDetector's ``full_trim`` takes the far endpoint
       (b w or w / b) deterministically. s_j = 0 gives 0 (Fang is silent; FLDetector's code gives 0).
-    - Unlike A1(b) one known update suffices (no std is needed); none known gives zero updates.
+    - Unlike ``fang`` one known update suffices (no std is needed); none known gives zero updates.
 
     Returns ``[n_out, d]``.
     """
@@ -131,11 +132,11 @@ def fang_full(benign, n_out, generator, b=2.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A2. Fang attack on Krum (not in the official FedREDefense code: its ``Client_Krum`` is dead, broken code)
+# Fang attack on Krum (not in the official FedREDefense code: its ``Client_Krum`` is dead, broken code)
 # ---------------------------------------------------------------------------------------------------------------
 
 def fang_krum_bound(known, n_attackers, n_participants=None):
-    """lambda_0, Fang's upper bound on lambda in the attack on Krum (ALGORITHMS.md A2, step 4).
+    """lambda_0, Fang's upper bound on lambda in the attack on Krum.
 
     Source: Fang, Cao, Jia, Gong, USENIX Security 2020, Sec. 4 ("attacking Krum"), in update space (the
     pre-attack global model is the origin, so ||Delta_i|| is its distance to it). With c = ``n_attackers``,
@@ -170,7 +171,7 @@ def fang_krum_bound(known, n_attackers, n_participants=None):
 
 
 def fang_krum_lambda(known, n_attackers, f, *, n_participants=None, lambda_min=1e-5):
-    """Fang's search for lambda (ALGORITHMS.md A2, step 5); returns (lambda, lambda_0).
+    """Fang's search for lambda (Fang et al., USENIX Security 2020, sec. 4); returns (lambda, lambda_0).
 
     Starting from lambda = lambda_0 (``fang_krum_bound``):
         while lambda >= lambda_min:
@@ -205,10 +206,10 @@ def fang_krum_lambda(known, n_attackers, f, *, n_participants=None, lambda_min=1
 
 
 def fang_krum(known, n_attackers, f, generator, *, n_participants=None, eps=0.01, lambda_min=1e-5):
-    """Fang attack on Krum (ALGORITHMS.md A2). Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX Security 2020, Sec. 4; the search and the noise follow FLDetector's
-    ``byzantine.py`` (``dir_full_krum_lambda`` / ``dir_partial_krum_lambda``), same group. Used only when the server
-    runs Krum (both seed papers; FedREDefense A.2).
+    """Fang attack on Krum. Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated
+    Learning", USENIX Security 2020, Sec. 4; the search and the noise follow FLDetector's ``byzantine.py``
+    (``dir_full_krum_lambda`` / ``dir_partial_krum_lambda``), same group. Used only when the server runs Krum (both
+    seed papers; FedREDefense A.2).
 
     Formula, with K = ``known`` ``[m, d]``, c = ``n_attackers`` and s = sign(mean of K) in {-1, 0, +1}^d:
         Delta'_1 = -lambda * s,           lambda from ``fang_krum_lambda`` (Fang's bound, halved until simulated
@@ -221,7 +222,7 @@ def fang_krum(known, n_attackers, f, generator, *, n_participants=None, eps=0.01
     Knowledge: K + Krum with its f. Partial: K = the attackers' own genuine updates, with ``n_participants`` the
     round's n for the bound; full: K = all benign updates (``n_participants`` defaults to m + c).
 
-    Choices where sources disagree: direction from the mean of K (Shejwalkar; matches A1), not FLDetector's sign
+    Choices where sources disagree: direction from the mean of K (Shejwalkar; matches ``fang``), not FLDetector's sign
     of Krum(K) nor Fang's unattacked global-model change; start at Fang's bound, not FLDetector's lambda = 1
     (which is kept as the fallback where the bound is undefined, see ``fang_krum_bound``); eps = 0.01 and
     lambda_min = 1e-5 as FLDetector. m = 0 (nothing known, no direction): zero updates, like the other crafted
@@ -241,11 +242,11 @@ def fang_krum(known, n_attackers, f, generator, *, n_participants=None, eps=0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A3. LIE -- A Little Is Enough (not in the official FedREDefense code)
+# LIE -- A Little Is Enough (not in the official FedREDefense code)
 # ---------------------------------------------------------------------------------------------------------------
 
 def lie_z(n, q):
-    """z_max of LIE (ALGORITHMS.md A3): the largest z with Phi(z) < (n - q - s) / (n - q), s = floor(n/2 + 1) - q.
+    """z_max of LIE: the largest z with Phi(z) < (n - q - s) / (n - q), s = floor(n/2 + 1) - q.
 
     Source: Baruch, Baruch, Goldberg, "A Little Is Enough", NeurIPS 2019; formula as printed in FedREDefense
     App. A.2 (p participants there = ``n`` here, q malicious, n includes the malicious clients). The supremum is
@@ -272,7 +273,7 @@ def lie_z(n, q):
 
 
 def lie(honest, n, q, *, z=None):
-    """LIE, "A Little Is Enough" (ALGORITHMS.md A3). NOT in the official FedREDefense code (written from the papers).
+    """LIE, "A Little Is Enough". NOT in the official FedREDefense code (written from the papers).
 
     Source: Baruch, Baruch, Goldberg, NeurIPS 2019; FedREDefense App. A.2 gives the form used here.
 
@@ -312,7 +313,7 @@ def lie(honest, n, q, *, z=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A4. Min-Max and A5. Min-Sum (AGR-agnostic optimisation attacks)
+# Min-Max and Min-Sum (AGR-agnostic optimisation attacks)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _sq_dists_to(updates, v):
@@ -336,7 +337,7 @@ def _perturbation(honest, mu, dev_type):
 
 
 def _gamma_search(feasible, gamma_init, tau):
-    """The bisection of Shejwalkar's code and FedREDefense's ``Client_MinMax``/``Client_MinSum`` (ALGORITHMS.md A4):
+    """The bisection of Shejwalkar's code and FedREDefense's ``Client_MinMax``/``Client_MinSum``:
 
         gamma = step = gamma_init; gamma_succ = 0
         while |gamma_succ - gamma| > tau:
@@ -377,7 +378,7 @@ def _optimisation_attack(honest, gamma_init, tau, dev_type, rule):
 
 
 def min_max(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
-    """Min-Max (ALGORITHMS.md A4). Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021, Algorithm 1.
+    """Min-Max. Shejwalkar & Houmansadr, "Manipulating the Byzantine", NDSS 2021, Algorithm 1.
 
     Formula: g_m = mu - gamma * p, with mu the mean of the known updates {g_i}, p the perturbation (coordinate-wise
     std of {g_i}, unbiased: the "std" variant FedREDefense A.2 uses), and gamma the largest value the bisection
@@ -407,7 +408,7 @@ def min_max(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
 
 
 def min_sum(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
-    """Min-Sum (ALGORITHMS.md A5). Shejwalkar & Houmansadr, NDSS 2021, Algorithm 1 with the Min-Sum objective.
+    """Min-Sum. Shejwalkar & Houmansadr, NDSS 2021, Algorithm 1 with the Min-Sum objective.
 
     Formula: g_m = mu - gamma * p as in ``min_max``, with gamma found by the same bisection under
         sum_i ||g_m - g_i||^2  <=  min_i sum_j ||g_i - g_j||^2     (squared distances),
@@ -426,12 +427,12 @@ def min_sum(honest, gamma_init=30.0, tau=1e-5, *, dev_type="std"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A6. MPAF -- fake clients
+# MPAF -- fake clients
 # ---------------------------------------------------------------------------------------------------------------
 
 def mpaf(w_base, w_global, scale=3.0):
-    """MPAF (ALGORITHMS.md A6). Cao & Gong, "MPAF: Model Poisoning Attacks to Federated Learning based on Fake
-    Clients", CVPR Workshops 2022.
+    """MPAF. Cao & Gong, "MPAF: Model Poisoning Attacks to Federated Learning based on Fake Clients", CVPR
+    Workshops 2022.
 
     Formula: g = lambda * (w_base - w^{t-1}): every fake client pulls the global model towards a base model.
 
@@ -449,11 +450,11 @@ def mpaf(w_base, w_global, scale=3.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A9. Sign flipping and A10. Gaussian (FedDefuse's attacks)
+# Sign flipping and Gaussian (FedDefuse's attacks)
 # ---------------------------------------------------------------------------------------------------------------
 
 def sign_flip(honest, k=1.0):
-    """Sign-flipping (ALGORITHMS.md A9). FedDefuse App. B.1, citing Wu, Ling, Chen, Giannakis, IEEE TSP 2020.
+    """Sign-flipping. FedDefuse App. B.1, citing Wu, Ling, Chen, Giannakis, IEEE TSP 2020.
 
     Formula (FedDefuse notation): Delta_w^r = -k * hat{Delta}_w^r, each attacker's own honest update flipped.
 
@@ -468,7 +469,7 @@ def sign_flip(honest, k=1.0):
 
 
 def gaussian(honest, w_global, sizes, generator):
-    """Gaussian attack (ALGORITHMS.md A10). FedDefuse App. B.1, citing Ma et al. 2022 ("DisBezant").
+    """Gaussian attack. FedDefuse App. B.1, citing Ma et al. 2022 ("DisBezant").
 
     Formula, FedDMC-lineage code reading (``clients.py`` GS_attack): each attacker trains honestly, giving the local
     model theta = w^{t-1} + hat{Delta}; then every parameter tensor P of theta is replaced element-wise by
@@ -505,11 +506,11 @@ def gaussian(honest, w_global, sizes, generator):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A7. Scaling and A8. DBA -- backdoors by poisoned local training
+# Scaling and DBA -- backdoors by poisoned local training
 # ---------------------------------------------------------------------------------------------------------------
 
 def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, scale=3.0, epochs=1):
-    """Backdoor update of Scaling (ALGORITHMS.md A7) and DBA (A8), FedREDefense recipe.
+    """Backdoor update of Scaling and DBA, FedREDefense recipe.
 
     Sources: Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020 (Scaling / model replacement);
     Xie, Huang, Chen, Li, "DBA: Distributed Backdoor Attacks against Federated Learning", ICLR 2020; the recipe is
@@ -552,10 +553,10 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
 
     honest: ``[q, d]``, the attacking clients' own genuine updates this round (every attacker trains honestly
         first; sign-flip and Gaussian transform their own row).
-    known: ``[k, d]``, the genuine updates the colluding attackers know (ALGORITHMS.md sec. 1), from which Fang,
-        LIE, Min-Max and Min-Sum take their statistics: *partial* knowledge, the genuine updates of every
-        compromised participant of the round, attacking or not (FedREDefense sec. 3), or *full* knowledge, every
-        participant's genuine update (FedDefuse sec. 1: "complete knowledge of others"). The caller chooses.
+    known: ``[k, d]``, the genuine updates the colluding attackers know, from which Fang, LIE, Min-Max and Min-Sum
+        take their statistics: *partial* knowledge, the genuine updates of every compromised participant of the
+        round, attacking or not (FedREDefense sec. 3), or *full* knowledge, every participant's genuine update
+        (FedDefuse sec. 1: "complete knowledge of others"). The caller chooses.
     n_participants: clients taking part this round, malicious included (LIE's n; q is ``len(honest)``).
     w_global, w_init: the current global model w^{t-1} and the initial one w^0 (MPAF's base); w_global is
         ``[q, d]``, one row per attacker, when the server trains an ensemble (FLCert: each group its model).
@@ -563,11 +564,11 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
     generator: CPU ``torch.Generator`` for Fang and Gaussian.
     signflip_k: sign-flip's k (FedDefuse App. B.1 gives none; 1 is a pure flip).
     krum_f: the f of the server's Krum when it runs Krum or Multi-Krum: "fang" then means Fang's attack on Krum
-        (A2), as in both papers; None (any other defense): the trimmed-mean/median attack (A1).
+        (``fang_krum``), as in both papers; None (any other defense): the trimmed-mean/median attack.
     knowledge: what ``known`` is, ``"partial"`` or ``"full"`` (``run.py --knowledge``). It picks Fang's
-        trimmed-mean/median variant: partial, the FedREDefense code's mu +- 3-4 sigma (A1(b), ``fang``); full,
-        Fang's own full-knowledge attack from the benign max/min (A1(a), ``fang_full``). Against Krum both use
-        ``fang_krum`` on ``known``. LIE, Min-Max and Min-Sum take their statistics from ``known`` either way.
+        trimmed-mean/median variant: partial, the FedREDefense code's mu +- 3-4 sigma (``fang``); full, Fang's own
+        full-knowledge attack from the benign max/min (``fang_full``). Against Krum both use ``fang_krum`` on
+        ``known``. LIE, Min-Max and Min-Sum take their statistics from ``known`` either way.
 
     LIE in a round whose attackers are a majority: run.py refuses settings where sampling alone can bring that
     about, but a defense that expels benign clients (FLDetector under LIE) can leave only attackers. z_max is then
@@ -599,12 +600,12 @@ def craft(name, honest, known, *, n_participants, w_global, w_init, sizes, gener
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A11-A12. Label flips and A13. the adaptive scaling attack (FedREDefense sec. 6.1, Algorithm 3)
+# Label flips and the adaptive scaling attack (FedREDefense sec. 6.1, Algorithm 3)
 # ---------------------------------------------------------------------------------------------------------------
 
 def flip_labels(name, y, num_classes):
-    """The labels an attacking client trains on (ALGORITHMS.md A11, A12; FedREDefense sec. 6.1 and its code's
-    ``train_op_flip`` / ``train_op_tr_flip``).
+    """The labels an attacking client trains on (FedREDefense sec. 6.1 and its code's ``train_op_flip`` /
+    ``train_op_tr_flip``).
 
     - ``labelflip`` (and its adaptive variant): y -> (y + 1) mod C, "the next class" (FedDMC's C - 1 - y and
       FLDetector's (y + 1) mod 9 are not followed);
@@ -618,7 +619,7 @@ def flip_labels(name, y, num_classes):
 
 
 def adaptive_scale(g, passes, delta_init=2.0, gamma_att=0.125):
-    """The adaptive scaling attack, FedREDefense Algorithm 3 (ALGORITHMS.md A13): the largest lambda >= 1 such
+    """The adaptive scaling attack, FedREDefense Algorithm 3 (sec. 6.1): the largest lambda >= 1 such
     that lambda * g still passes the defense, found by the paper's binary search:
         lambda = 1, delta = delta_init
         while delta >= gamma_att:  lambda += delta;  if not passes(lambda * g): lambda -= delta;  delta /= 2

@@ -1,9 +1,9 @@
 """Baseline defenses: FedAvg, the oracle, the robust aggregators and the detection rules the two papers compare
 against.
 
-Specification: ``reference/ALGORITHMS.md`` D1 (FedAvg), D2 (Krum, Multi-Krum), D3 (Median), D4 (Trimmed mean),
-D5 (Norm bound), D10 (RFA); D6-D9 and D11-D15 (FLAME, FLTrust, FLDetector, FLCert, Auror, FoolsGold, FedDMC,
-FedCPA, FreqFed); ``reference/fedredefense-official-code.md`` sec. 4 (what the FedREDefense code runs).
+Sources: each rule's docstring names its paper. The seed papers' settings are FedREDefense (ICML 2024) App. A.3 and
+FedDefuse App. B.1; where the FedREDefense authors' code (github: xyq7/FedREDefense, ``codes/server.py``) differs
+from a paper, the docstring says which one is followed.
 
 Two shapes of function live here:
 - **Pure rules** ``rule(updates, **hp) -> fl.Decision`` (``krum``, ``multikrum``, ``median``, ``trmean``,
@@ -20,7 +20,7 @@ Two shapes of function live here:
 
 Conventions: updates are ``g_i = w_i - w^{t-1}`` (``fl.py``); every rule returns an update in the input's dtype and
 on its device. The FedREDefense code aggregates *models* for Median, Trimmed mean and Krum; on updates that is the
-same, because those rules are translation-equivariant and Krum only uses differences (ALGORITHMS.md sec. 1).
+same, because those rules are translation-equivariant and Krum only uses differences.
 """
 import collections
 import math
@@ -55,8 +55,7 @@ def fedredefense_code_f(n, share):
 
     Compatibility option only, never a default here: the paper says f = b = q, the code (``server.py``) uses
     ceil(r * n) + 1 with r the attack rate. In floating point 0.28 * 100 = 28.000000000000004, so for the default
-    28 attackers of 100 the ceiling is 29 and the code trims / assumes **30**, not 28
-    (fedredefense-official-code.md sec. 4).
+    28 attackers of 100 the ceiling is 29 and the code trims / assumes **30**, not 28.
     """
     return math.ceil(share * n) + 1
 
@@ -89,11 +88,11 @@ def pairwise_distances(updates, *, squared=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D2. Krum and Multi-Krum
+# Krum and Multi-Krum
 # ---------------------------------------------------------------------------------------------------------------
 
 def krum_scores(updates, f, *, squared=True):
-    """Krum's score of every update (ALGORITHMS.md D2). Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning
+    """Krum's score of every update. Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning
     with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
 
     Formula: score_i = sum_{j in N_i} ||Delta_i - Delta_j||^2, with N_i the n - f - 2 updates nearest to Delta_i
@@ -115,7 +114,7 @@ def krum_scores(updates, f, *, squared=True):
 
 
 def krum(updates, f, *, squared=True):
-    """Krum (ALGORITHMS.md D2; Blanchard et al., NeurIPS 2017): the single update with the lowest ``krum_scores``.
+    """Krum (Blanchard et al., NeurIPS 2017): the single update with the lowest ``krum_scores``.
 
     Formula: i* = argmin_i score_i (``krum_scores``); the aggregate is Delta_{i*} itself, a single client's update.
     f is the number of Byzantine clients the server assumes (FedREDefense's text: the true number q).
@@ -133,7 +132,7 @@ def krum(updates, f, *, squared=True):
 
 
 def multikrum(updates, f, m=None, *, squared=True):
-    """Multi-Krum (ALGORITHMS.md D2; Blanchard et al., NeurIPS 2017, Sec. 5): the mean of the m best Krum scores.
+    """Multi-Krum (Blanchard et al., NeurIPS 2017, Sec. 5): the mean of the m best Krum scores.
 
     Formula: compute score_i (``krum_scores``) once for all n updates; S = the m updates with the lowest scores;
     aggregate = (1/m) sum_{i in S} Delta_i.
@@ -159,11 +158,11 @@ def multikrum(updates, f, m=None, *, squared=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D3. Median and D4. Trimmed mean
+# Median and Trimmed mean
 # ---------------------------------------------------------------------------------------------------------------
 
 def median(updates, *, lower=False):
-    """Coordinate-wise Median (ALGORITHMS.md D3). Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed
+    """Coordinate-wise Median. Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed
     Learning: Towards Optimal Statistical Rates", ICML 2018 (FedDefuse cites Xie et al. 2018 for it).
 
     Formula: aggregate_j = median_i Delta_ij, for every coordinate j separately.
@@ -182,7 +181,7 @@ def median(updates, *, lower=False):
 
 
 def trmean(updates, b):
-    """Coordinate-wise Trimmed mean (ALGORITHMS.md D4). Yin, Chen, Ramchandran, Bartlett, ICML 2018.
+    """Coordinate-wise Trimmed mean. Yin, Chen, Ramchandran, Bartlett, ICML 2018.
 
     Formula: for every coordinate j, sort Delta_1j..Delta_nj, drop the b largest and the b smallest, and average
     the n - 2b values left.
@@ -203,11 +202,11 @@ def trmean(updates, b):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D5. Norm bound
+# Norm bound
 # ---------------------------------------------------------------------------------------------------------------
 
 def normbound(updates, M):
-    """Norm bound (ALGORITHMS.md D5). Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?",
+    """Norm bound. Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?",
     2019.
 
     Formula: clip every update to norm at most M, bar Delta_i = Delta_i * min(1, M / ||Delta_i||), then aggregate
@@ -261,7 +260,7 @@ def median_norm(updates):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D10. RFA (geometric median by smoothed Weiszfeld)
+# RFA (geometric median by smoothed Weiszfeld)
 # ---------------------------------------------------------------------------------------------------------------
 
 def geometric_median_objective(v, updates, alphas):
@@ -270,7 +269,7 @@ def geometric_median_objective(v, updates, alphas):
 
 
 def smoothed_weiszfeld(updates, weights=None, nu=1e-5, iters=4, ftol=1e-6):
-    """The smoothed Weiszfeld iterations of RFA (ALGORITHMS.md D10); returns (v, [obj(v_0), obj(v_1), ...]).
+    """The smoothed Weiszfeld iterations of RFA; returns (v, [obj(v_0), obj(v_1), ...]).
 
     Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning" (RFA), IEEE TSP 2022, Algorithm 2,
     following their code (``krishnap25/RFA`` ``geometric_median_update``):
@@ -312,7 +311,7 @@ def smoothed_weiszfeld(updates, weights=None, nu=1e-5, iters=4, ftol=1e-6):
 
 
 def rfa(updates, weights=None, nu=1e-5, iters=4, ftol=1e-6):
-    """RFA (ALGORITHMS.md D10): the (approximate) geometric median of the updates. Pillutla, Kakade, Harchaoui,
+    """RFA: the (approximate) geometric median of the updates. Pillutla, Kakade, Harchaoui,
     "Robust Aggregation for Federated Learning", IEEE TSP 2022; FedDefuse cites it as Minsker, "Geometric median
     and robust estimation in Banach spaces", Bernoulli 2015.
 
@@ -408,10 +407,10 @@ DETECTION = ("flame", "fltrust", "fldetector", "flcert", "auror", "foolsgold", "
 
 # Their settings that depend on the scale of a run, set once per dataset (never per attack). Paper scale: FLDetector's
 # window of 10 rounds after a 50-round cold start and FLCert's 10 groups (FedREDefense App. A.3), Auror's 10 warm-up
-# rounds and alpha (FLPoison's values, ALGORITHMS.md D11). Digits' 40 rounds of 25 clients and the real datasets'
-# laptop scale (run.py --scale laptop: 50 rounds of 10-20 clients) shrink the round counts (LAPTOP_SCALE: FLDetector can
-# then detect from round 11 and still train 29-39 rounds after its restart) and keep 2-5 clients per FLCert group
-# (10 in the paper); Auror's alpha on digits is on the scale of its larger updates (lr 0.05).
+# rounds and alpha (FLPoison's values, github: vio1etus/FLPoison). Digits' 40 rounds of 25 clients and the real
+# datasets' laptop scale (run.py --scale laptop: 50 rounds of 10-20 clients) shrink the round counts (LAPTOP_SCALE:
+# FLDetector can then detect from round 11 and still train 29-39 rounds after its restart) and keep 2-5 clients per
+# FLCert group (10 in the paper); Auror's alpha on digits is on the scale of its larger updates (lr 0.05).
 PAPER_SCALE = {"fldetector_window": 10, "fldetector_cold_start": 50, "flcert_groups": 10, "auror_warmup": 10}
 LAPTOP_SCALE = {"fldetector_window": 5, "fldetector_cold_start": 5, "flcert_groups": 5, "auror_warmup": 5}
 DETECTION_HYPER = {
@@ -467,11 +466,11 @@ def zero_update(updates):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D6. FLAME
+# FLAME
 # ---------------------------------------------------------------------------------------------------------------
 
 def flame(updates, w_global, *, lam=0.001, generator=None, on="models"):
-    """FLAME (ALGORITHMS.md D6). Nguyen et al., "FLAME: Taming Backdoors in Federated Learning", USENIX Security
+    """FLAME. Nguyen et al., "FLAME: Taming Backdoors in Federated Learning", USENIX Security
     2022, Algorithm 1; FedREDefense App. A.3.
 
     1. c_ij = 1 - cos(W_i, W_j) of the local models W_i = w^{t-1} + Delta_i (``on="updates"``: of the Delta_i).
@@ -480,7 +479,7 @@ def flame(updates, w_global, *, lam=0.001, generator=None, on="models"):
        min(1, S_t / ||Delta_i||).
     4. Aggregate: the mean of the clipped admitted updates, plus Gaussian noise N(0, (lam * S_t)^2 I).
 
-    Paper silent or unverified (no official code exists; choices follow ALGORITHMS.md D6):
+    Paper silent or unverified (no official code exists):
     - HDBSCAN's min_samples = 1 and allow_single_cluster = True: every reimplementation's choice.
     - every client labelled noise: everyone is admitted (the paper says nothing); ``details["cluster"]`` is False.
     - lam = 0.001, the image-classification value (?verify; reimplementations use 0 or a per-layer std instead).
@@ -515,11 +514,11 @@ class FLAME:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D7. FLTrust
+# FLTrust
 # ---------------------------------------------------------------------------------------------------------------
 
 def fltrust(updates, g0):
-    """FLTrust (ALGORITHMS.md D7). Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
+    """FLTrust. Cao, Fang, Liu, Gong, "FLTrust: Byzantine-robust Federated Learning via Trust
     Bootstrapping", NDSS 2021, Algorithm 1 (the server side).
 
     Given the server update g_0 (trained on the root set from w^{t-1}):
@@ -558,11 +557,11 @@ class FLTrust:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D8. FLDetector
+# FLDetector
 # ---------------------------------------------------------------------------------------------------------------
 
 def lbfgs_hvp(S, Y, v):
-    """H~ v, the compact L-BFGS approximation of a Hessian-vector product (ALGORITHMS.md D8; FLDetector Alg. 1
+    """H~ v, the compact L-BFGS approximation of a Hessian-vector product (FLDetector Alg. 1
     line "L-BFGS"; Byrd, Nocedal, Schnabel 1994, the direct form B of eq. 2.17).
 
     S, Y: ``[N, d]``, rows s_k and y_k, oldest first; v: ``[d]``. With S, Y as d x N matrices:
@@ -637,7 +636,7 @@ def two_means_1d(values):
 
 
 class FLDetector:
-    """FLDetector (ALGORITHMS.md D8). Zhang, Cao, Jia, Gong, "FLDetector: Defending Federated Learning Against
+    """FLDetector. Zhang, Cao, Jia, Gong, "FLDetector: Defending Federated Learning Against
     Model Poisoning Attacks via Detecting Malicious Clients", KDD 2022, Algorithm 1; FedREDefense App. A.3.
 
     Each round t (base rule FedAvg, as FedREDefense):
@@ -723,7 +722,7 @@ class FLDetector:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D9. FLCert
+# FLCert
 # ---------------------------------------------------------------------------------------------------------------
 
 def flcert_groups(n_clients, n_groups):
@@ -733,7 +732,7 @@ def flcert_groups(n_clients, n_groups):
 
 
 class FLCert:
-    """FLCert (ALGORITHMS.md D9). Cao, Zhang, Jia, Gong, "FLCert: Provably Secure Federated Learning Against
+    """FLCert. Cao, Zhang, Jia, Gong, "FLCert: Provably Secure Federated Learning Against
     Poisoning Attacks", IEEE TIFS 2022; FedREDefense App. A.3: "divide the clients into 10 groups and use Median to
     train a global model in each group; predict by majority vote among all final global models".
 
@@ -765,7 +764,7 @@ class FLCert:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D11. Auror
+# Auror
 # ---------------------------------------------------------------------------------------------------------------
 
 def indicative_features(updates, alpha):
@@ -774,7 +773,7 @@ def indicative_features(updates, alpha):
 
 
 def auror(updates, features):
-    """Auror's detection step (ALGORITHMS.md D11). Shen, Tople, Saxena, "Auror: Defending Against Poisoning Attacks
+    """Auror's detection step. Shen, Tople, Saxena, "Auror: Defending Against Poisoning Attacks
     in Collaborative Deep Learning Systems", ACSAC 2016.
 
     Formula: the clients' values on the indicative features, x_i = Delta_i[features], are split by 2-means on
@@ -805,7 +804,7 @@ def auror(updates, features):
 
 
 class Auror:
-    """Auror as a server (ALGORITHMS.md D11): phase 1, the indicative features are the output layer's coordinates
+    """Auror as a server: phase 1, the indicative features are the output layer's coordinates
     whose 1-D 2-means centroids are more than ``alpha`` apart (``indicative_features``), collected over the first
     ``warmup`` rounds (the union) and fixed from then on; phase 2 (``auror``) runs every round on the features
     known so far.
@@ -830,11 +829,11 @@ class Auror:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D12. FoolsGold
+# FoolsGold
 # ---------------------------------------------------------------------------------------------------------------
 
 def foolsgold_weights(histories, eps=1e-5):
-    """FoolsGold's learning rates alpha_i (ALGORITHMS.md D12). Fung, Yoon, Beschastnikh, "The Limitations of
+    """FoolsGold's learning rates alpha_i. Fung, Yoon, Beschastnikh, "The Limitations of
     Federated Learning in Sybil Settings", RAID 2020, Algorithm 1; steps as the official code
     (``DistributedML/FoolsGold`` ``model_aggregator.foolsgold``):
         cs_ij = cos(H_i, H_j), with cs_ii = 0;   v_i = max_j cs_ij + eps
@@ -862,7 +861,7 @@ def foolsgold_weights(histories, eps=1e-5):
 
 
 class FoolsGold:
-    """FoolsGold as a server (ALGORITHMS.md D12): H_i <- H_i + Delta_i, the sum of every update client i has sent
+    """FoolsGold as a server: H_i <- H_i + Delta_i, the sum of every update client i has sent
     (the official ML code), then aggregate = (1/n) sum_i alpha_i Delta_i (deep-fg's normalisation). Similarity on
     the whole update (the ML code; deep-fg uses the output layer only). No importance weighting, no
     pre-clipping. ``accepted``: alpha_i > 0.
@@ -887,7 +886,7 @@ class FoolsGold:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D13. FedDMC
+# FedDMC
 # ---------------------------------------------------------------------------------------------------------------
 
 def principal_components(points, dims=10):
@@ -900,8 +899,8 @@ def principal_components(points, dims=10):
 
 
 def btbcn(points, min_cluster_size=3):
-    """FedDMC's binary-tree-based clustering with noise removal, BTBCN (ALGORITHMS.md D13; official code
-    ``utils.Removing_outliers``). Returns a bool ``[n]`` mask of the clients flagged (malicious or noise).
+    """FedDMC's binary-tree-based clustering with noise removal, BTBCN (official code ``utils.Removing_outliers``).
+    Returns a bool ``[n]`` mask of the clients flagged (malicious or noise).
 
     Ward agglomerative clustering gives a binary merge tree. From the root, while a child holds <= min_cluster_size
     leaves: that small child's leaves are noise and the walk goes into the other child (if both are small,
@@ -948,7 +947,7 @@ def btbcn(points, min_cluster_size=3):
 
 
 class FedDMC:
-    """FedDMC (ALGORITHMS.md D13). Mu et al., "FedDMC: Efficient and Robust Federated Learning via Detecting
+    """FedDMC. Mu et al., "FedDMC: Efficient and Robust Federated Learning via Detecting
     Malicious Clients", IEEE TDSC 2024; the official code's ``pca_agglomer_a`` branch.
 
     Each round: the local models w^{t-1} + Delta_i are projected on their first ``pca_dims`` = 10 principal
@@ -974,7 +973,7 @@ class FedDMC:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D14. FedCPA
+# FedCPA
 # ---------------------------------------------------------------------------------------------------------------
 
 def pearson(a, b):
@@ -987,7 +986,7 @@ def pearson(a, b):
 
 
 def critical_similarity(I_a, top_a, bottom_a, I_b, top_b, bottom_b):
-    """FedCPA's similarity of two importance vectors (ALGORITHMS.md D14, step 4), in [0, 2]:
+    """FedCPA's similarity of two importance vectors (Han et al., ICCV 2023), in [0, 2]:
         rho_T = (Pearson(I_a[T_a & T_b], I_b[T_a & T_b]) + 1) / 2,  J_T = |T_a & T_b| / |T_a | T_b|
         (rho_L, J_L likewise on the bottom sets);  sim = (rho_T + rho_L) / 2 + (J_T + J_L) / 2.
     ``top``/``bottom``: bool masks of the top / bottom sets."""
@@ -1001,7 +1000,7 @@ def critical_similarity(I_a, top_a, bottom_a, I_b, top_b, bottom_b):
 
 
 def fedcpa_weights(I_local, I_global, share=0.01):
-    """FedCPA's weights wv_i (ALGORITHMS.md D14). Han et al., "Towards Attack-tolerant Federated Learning via
+    """FedCPA's weights wv_i. Han et al., "Towards Attack-tolerant Federated Learning via
     Critical Parameter Analysis", ICCV 2023; steps as the official code (``Sungwon-Han/FEDCPA``,
     ``defense_utils.global_aggregation`` 'cpa' and ``get_foolsgold_score``).
 
@@ -1038,7 +1037,7 @@ def fedcpa_weights(I_local, I_global, share=0.01):
 
 
 class FedCPA:
-    """FedCPA as a server (ALGORITHMS.md D14). Importance on the weight tensors of 2 or 4 dimensions only (linear
+    """FedCPA as a server. Importance on the weight tensors of 2 or 4 dimensions only (linear
     and convolution weights; ``weights`` lists their slices of the flat vector). Aggregate: (1/|S|) sum_{i in S}
     wv_i Delta_i over S = {i : wv_i > 0} (the code averages w^{t-1} + wv_i Delta_i over S).
 
@@ -1075,7 +1074,7 @@ class FedCPA:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D15. FreqFed
+# FreqFed
 # ---------------------------------------------------------------------------------------------------------------
 
 def dct2(matrix):
@@ -1087,13 +1086,13 @@ def dct2(matrix):
 
 def low_frequency_mask(H, W):
     """FreqFed's low-frequency region of an H x W DCT: V_ab with a < H/2, b < W/2 and a + b <= floor((H + W)/4),
-    the top-left triangle (?verify: ALGORITHMS.md D15's reading of the paper's figure). Bool ``[H, W]``."""
+    the top-left triangle (?verify: read off the FreqFed paper's figure; no official code exists). Bool ``[H, W]``."""
     a, b = np.arange(H)[:, None], np.arange(W)[None, :]
     return (a < H / 2) & (b < W / 2) & (a + b <= (H + W) // 4)
 
 
 def freqfed(updates, w_global, shape, layer):
-    """FreqFed (ALGORITHMS.md D15; FedDefuse calls it "FedFreq"). Fereidooni et al., "FreqFed: A Frequency
+    """FreqFed (FedDefuse calls it "FedFreq"). Fereidooni et al., "FreqFed: A Frequency
     Analysis-Based Approach for Mitigating Poisoning Attacks in Federated Learning", NDSS 2024.
 
     1. Each client's local output-layer weights W_i = (w^{t-1} + Delta_i)[layer], reshaped to ``shape`` =

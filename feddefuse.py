@@ -1,4 +1,5 @@
-"""FedDefuse (anonymous 2025 submission, ``papers/feddefuse.md``): recoverability + frequency-domain similarity.
+"""FedDefuse (anonymous 2025 submission, "FedDefuse: Mitigating Strategic Model Poisoning for Federated Learning
+via Divide-and-Compute Driven Composite Behavioral Analysis"): recoverability + frequency-domain similarity.
 
 The server runs a divide-and-compute pipeline on every round's updates ``[n_clients, n_params]``
 (``Delta_i = w_i - w_global``, fl.py conventions):

@@ -8,8 +8,8 @@ cannot. So every round the server
 - flags every client whose reconstruction error e_i^t exceeds gamma, drops its update and expels it for good,
 - aggregates the rest with FedAvg (Algorithm 1).
 
-Where the official code (xyq7/FedREDefense; ../shared/reference/fedredefense-official-code.md) and the paper
-differ, the choice made is written next to the code it concerns; the list in short:
+Where the FedREDefense authors' code (github: xyq7/FedREDefense) and the paper differ, the choice made is written
+next to the code it concerns; the list in short:
 
 - Inner loss: soft-label cross-entropy averaged over batch *and* classes, as the official `kd_loss` (the paper
   writes f(K, w)); alpha's Table 7 values are on that scale.

@@ -38,8 +38,8 @@ class CNN(nn.Module):
     lives in the loss. Table 5: (30, 50, 100); Table 6: (32, 64, 512).
     Padding: the tables give none (the MXNet CNN they come from uses valid convolutions), so images of 16 px and
     more use padding 0. Two valid conv+pool stages would shrink 8x8 digits to nothing, so smaller images use
-    padding 1. The official code trains a 3-layer ConvNet-128 instead (fedredefense-official-code.md sec. 5);
-    we follow the paper.
+    padding 1. The FedREDefense authors' code (github: xyq7/FedREDefense, ``codes/models.py:ConvNet``) trains a
+    3-layer ConvNet-128 instead; we follow the paper.
     """
 
     def __init__(self, in_channels, image_size, num_classes=10):
@@ -362,8 +362,8 @@ def detection_metrics(flagged, malicious):
 def malicious_rate(accepted, malicious):
     """FedDefuse's MR for one round: the share of accepted updates that are malicious, FN / (FN + TN).
 
-    App. B.1's wording is ambiguous; its tables (No Defense: DACC + MR = 100) fix this reading (ALGORITHMS.md
-    sec. 4). A round that accepts nobody has MR 0.
+    App. B.1's wording is ambiguous; its tables (No Defense: DACC + MR = 100) fix this reading. A round that
+    accepts nobody has MR 0.
     """
     accepted, malicious = accepted.bool(), malicious.bool()
     n_accepted = int(accepted.sum())

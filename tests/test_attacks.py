@@ -1,4 +1,4 @@
-"""Invariants of the attacks (ALGORITHMS.md A1(b), A3-A10, "Tests" items), on tiny tensors and a tiny CNN."""
+"""Invariants of the attacks (those each attack's paper implies), on tiny tensors and a tiny CNN."""
 import math
 
 import pytest
@@ -20,7 +20,7 @@ def randn(*shape, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A1(b) Fang
+# Fang, partial knowledge
 # ---------------------------------------------------------------------------------------------------------------
 
 def fang_inputs():
@@ -56,7 +56,7 @@ def test_fang_fewer_than_two_known_updates_gives_zero():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A1(a) Fang, full knowledge
+# Fang, full knowledge
 # ---------------------------------------------------------------------------------------------------------------
 
 def fang_full_inputs():
@@ -122,7 +122,7 @@ def test_craft_runs_fangs_full_knowledge_attack_only_under_full_knowledge():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A3 LIE
+# LIE
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,q,z", [(100, 28, 0.46925), (50, 10, 0.25335), (100, 8, 0.0818), (100, 48, 1.5744)])
@@ -155,7 +155,7 @@ def test_lie_equal_updates_and_edge_cases():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A4 Min-Max, A5 Min-Sum
+# Min-Max, Min-Sum
 # ---------------------------------------------------------------------------------------------------------------
 
 def sq(a, b):
@@ -222,7 +222,7 @@ def test_optimisation_attacks_edge_cases(fn):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A6 MPAF, A9 sign flip
+# MPAF, sign flip
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_mpaf():
@@ -242,7 +242,7 @@ def test_sign_flip():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A10 Gaussian
+# Gaussian
 # ---------------------------------------------------------------------------------------------------------------
 
 SIZES = [4000, 3000, 1]
@@ -294,7 +294,7 @@ def test_gaussian_rejects_wrong_sizes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A7 / A8 backdoor (Scaling, DBA)
+# Backdoors (Scaling, DBA)
 # ---------------------------------------------------------------------------------------------------------------
 
 def tiny_setup():
@@ -425,7 +425,7 @@ def test_craft_unknown_name_raises(name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A2 Fang attack on Krum
+# Fang attack on Krum
 # ---------------------------------------------------------------------------------------------------------------
 
 def ref_krum_index(x, f):
@@ -438,7 +438,7 @@ def ref_krum_index(x, f):
 
 
 def ref_fang_krum_bound(known, c, n):
-    """Fang's lambda_0 from ALGORITHMS.md A2 step 4, neighbours clamped to the known set."""
+    """Fang's lambda_0 (Fang et al., USENIX Security 2020, sec. 4), neighbours clamped to the known set."""
     x = known.double().numpy()
     m, d = x.shape
     sums = [sum(sorted(math.dist(x[i], x[l]) for l in range(m) if l != i)[:min(n - c - 2, m - 1)])
@@ -528,7 +528,7 @@ def test_fang_krum_deterministic_under_a_seed():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A11-A13: label flips and the adaptive scaling attack
+# Label flips and the adaptive scaling attack
 # ---------------------------------------------------------------------------------------------------------------
 
 GRID = [1 + 0.125 * k for k in range(32)]  # every lambda Algorithm 3 can reach from 1 with delta 2 .. 0.125
@@ -536,7 +536,7 @@ GRID = [1 + 0.125 * k for k in range(32)]  # every lambda Algorithm 3 can reach 
 
 @pytest.mark.parametrize("threshold", [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0])
 def test_adaptive_scale_finds_the_largest_grid_lambda_that_passes_in_five_calls(threshold):
-    """ALGORITHMS.md A13 tests 1-3: on a monotone pass/fail (lambda passes iff lambda <= threshold) the binary
+    """FedREDefense Algorithm 3 (sec. 6.1): on a monotone pass/fail (lambda passes iff lambda <= threshold) the binary
     search returns the largest grid point that passes (1 if none above 1 does, 4.875 at most), in 5 calls."""
     g = torch.tensor([1.0, -2.0])
     calls = []
@@ -549,7 +549,7 @@ def test_adaptive_scale_finds_the_largest_grid_lambda_that_passes_in_five_calls(
 
 
 def test_label_flip_maps():
-    """A11: y -> (y + 1) mod C is a bijection without fixed points; A12: only class 0 changes, to class 2."""
+    """Label flip: y -> (y + 1) mod C is a bijection without fixed points; targeted: only class 0 changes, to 2."""
     y = torch.arange(10).repeat(3)
     for name in ("labelflip", "adaptive-labelflip"):
         flipped = attacks.flip_labels(name, y, 10)

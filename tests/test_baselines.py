@@ -1,4 +1,4 @@
-"""The robust-aggregation baselines (ALGORITHMS.md D2-D5, D10 "Tests" items).
+"""The robust-aggregation baselines (Krum, Multi-Krum, Median, Trimmed mean, Norm bound, RFA).
 
 Expected values come from hand computations (in the comments) or from independent float64 numpy re-implementations
 of the textbook definitions written below, never from the code under test.
@@ -72,7 +72,7 @@ def ref_trmean(x, b):
 
 
 def ref_weiszfeld(x, weights=None, nu=1e-5, iters=4, ftol=1e-6):
-    """RFA's smoothed Weiszfeld, from ALGORITHMS.md D10, with its objective history."""
+    """RFA's smoothed Weiszfeld (Pillutla, Kakade, Harchaoui, IEEE TSP 2022), with its objective history."""
     x = np.asarray(x, dtype=np.float64)
     a = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
     a = a / a.sum()
@@ -96,7 +96,7 @@ SHAPES = [(5, 3), (8, 50), (13, 1000), (30, 10_000)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D2. Krum and Multi-Krum
+# Krum and Multi-Krum
 # ---------------------------------------------------------------------------------------------------------------
 
 # Points (x, 0) at x = 0, 0, 3, 5, 7; n = 5, f = 1: n - f - 2 = 2 neighbours.
@@ -221,7 +221,7 @@ def test_krum_keeps_dtype():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D3. Median and D4. Trimmed mean
+# Median and Trimmed mean
 # ---------------------------------------------------------------------------------------------------------------
 
 EVEN = t([[1, 5, -2], [3, 0, 4], [2, 7, 8], [10, -1, 0]])
@@ -311,7 +311,7 @@ def test_median_of_nothing_is_the_zero_update():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D5. Norm bound
+# Norm bound
 # ---------------------------------------------------------------------------------------------------------------
 
 # Rows (3,4), (0,1), (6,8), (0,0): norms 5, 1, 10, 0. M = 5: rows 0, 1, 3 kept, row 2 -> (3,4);
@@ -370,7 +370,7 @@ def test_normbound_bad_threshold_raises():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D10. RFA
+# RFA
 # ---------------------------------------------------------------------------------------------------------------
 
 # Points (x, 0) at x = 0, 0, 3, uniform weights:

@@ -1,4 +1,4 @@
-"""The detection baselines of baselines.py (ALGORITHMS.md D6-D9, D11-D15 "Tests" items).
+"""The detection baselines of baselines.py: the invariants each method's paper or official code implies.
 
 Expected values come from hand-built cases or from float64 numpy re-implementations of the docstring formulas written
 below, never from the code under test.
@@ -37,7 +37,7 @@ def blobs(sizes, d, spread, centres_seed=0, seed=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Independent definitions (numpy, float64, loops), written from the docstrings / ALGORITHMS.md
+# Independent definitions (numpy, float64, loops), written from the docstrings and the papers
 # ---------------------------------------------------------------------------------------------------------------
 
 def ref_cos(a, b):
@@ -158,7 +158,7 @@ def ref_vote(column):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D7. FLTrust
+# FLTrust
 # ---------------------------------------------------------------------------------------------------------------
 
 def fltrust_case(seed=0):
@@ -169,7 +169,7 @@ def fltrust_case(seed=0):
 
 
 def test_fltrust_matches_formula_and_differs_from_fedavg():
-    """FLTrust equals the docstring formula and, with one reversed update, differs from FedAvg (D7)."""
+    """FLTrust equals the docstring formula and, with one reversed update, differs from FedAvg."""
     U, g0 = fltrust_case()
     d = baselines.fltrust(U, g0)
     expected, ts = ref_fltrust(U.numpy(), g0.numpy())
@@ -181,7 +181,7 @@ def test_fltrust_matches_formula_and_differs_from_fedavg():
 
 @pytest.mark.parametrize("c", [1e-3, 0.5, 7.0, 1e3])
 def test_fltrust_is_scale_invariant_per_update(c):
-    """Scaling any one Delta_i by c > 0 leaves g unchanged (ALGORITHMS.md D7 test 1)."""
+    """Scaling any one Delta_i by c > 0 leaves g unchanged."""
     U, g0 = fltrust_case(seed=3)
     for i in (0, 4, 6):
         scaled = U.clone()
@@ -191,7 +191,7 @@ def test_fltrust_is_scale_invariant_per_update(c):
 
 
 def test_fltrust_client_with_nonpositive_cosine_has_no_influence():
-    """Replacing the reversed client by anything of cosine <= 0 changes nothing (ALGORITHMS.md D7 test 2)."""
+    """Replacing the reversed client by anything of cosine <= 0 changes nothing."""
     U, g0 = fltrust_case(seed=5)
     reference = baselines.fltrust(U, g0).update
     orthogonal = randn(12, seed=9)
@@ -206,7 +206,7 @@ def test_fltrust_client_with_nonpositive_cosine_has_no_influence():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_fltrust_norm_never_exceeds_server_norm(seed):
-    """||g|| <= ||g0|| on random updates (ALGORITHMS.md D7 test 3)."""
+    """||g|| <= ||g0|| on random updates."""
     g0 = randn(30, seed=seed)
     U = randn(9, 30, seed=seed + 100) * torch.linspace(0.1, 50, 9, dtype=torch.float64)[:, None] + g0
     g = baselines.fltrust(U, g0).update
@@ -214,7 +214,7 @@ def test_fltrust_norm_never_exceeds_server_norm(seed):
 
 
 def test_fltrust_all_equal_to_server_update_gives_it():
-    """Every Delta_i = g0 (or a positive multiple of it) gives g = g0 (ALGORITHMS.md D7 test 4)."""
+    """Every Delta_i = g0 (or a positive multiple of it) gives g = g0."""
     g0 = randn(10, seed=2)
     for U in (g0.repeat(5, 1), g0[None] * torch.tensor([[0.1], [1.0], [3.0], [40.0]], dtype=torch.float64)):
         torch.testing.assert_close(baselines.fltrust(U, g0).update, g0, rtol=1e-12, atol=1e-12)
@@ -230,7 +230,7 @@ def test_fltrust_all_trust_zero_gives_zero_update_not_fedavg():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D6. FLAME
+# FLAME
 # ---------------------------------------------------------------------------------------------------------------
 
 def flame_case(n_good=7, n_bad=3, d=20, seed=0):
@@ -243,7 +243,7 @@ def flame_case(n_good=7, n_bad=3, d=20, seed=0):
 @pytest.mark.parametrize("on", ["models", "updates"])
 @pytest.mark.parametrize("n_good, n_bad", [(7, 3), (4, 3), (16, 10)])
 def test_flame_cluster_admits_a_majority_and_clips_to_median_norm(on, n_good, n_bad):
-    """A cluster admits >= n//2+1, no reversed update; lam=0: admitted clipped to S_t, averaged (D6 tests 1-2)."""
+    """A cluster admits >= n//2+1, no reversed update; lam=0: admitted clipped to S_t, averaged."""
     U, w = flame_case(n_good, n_bad)
     n = len(U)
     d = baselines.flame(U, w, lam=0, generator=None, on=on)
@@ -258,7 +258,7 @@ def test_flame_cluster_admits_a_majority_and_clips_to_median_norm(on, n_good, n_
 
 @pytest.mark.parametrize("on", ["models", "updates"])
 def test_flame_identical_updates_give_that_update(on):
-    """lam=0 and all updates identical: the output is that update (ALGORITHMS.md D6 test 3)."""
+    """lam=0 and all updates identical: the output is that update."""
     u = randn(15, seed=7)
     d = baselines.flame(u.repeat(6, 1), 0.1 * randn(15, seed=8), lam=0, on=on)
     torch.testing.assert_close(d.update, u, rtol=1e-12, atol=1e-12)
@@ -266,7 +266,7 @@ def test_flame_identical_updates_give_that_update(on):
 
 @pytest.mark.parametrize("on", ["models", "updates"])
 def test_flame_is_permutation_invariant(on):
-    """lam=0: permuting the clients permutes the admitted mask and leaves the aggregate (ALGORITHMS.md D6 test 4)."""
+    """lam=0: permuting the clients permutes the admitted mask and leaves the aggregate."""
     U, w = flame_case(seed=11)
     p = torch.randperm(len(U), generator=torch.Generator().manual_seed(1))
     d, dp = baselines.flame(U, w, lam=0, on=on), baselines.flame(U[p], w, lam=0, on=on)
@@ -286,7 +286,7 @@ def test_flame_noise_has_std_lambda_times_clip():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D8. FLDetector
+# FLDetector
 # ---------------------------------------------------------------------------------------------------------------
 
 def spd(d, seed):
@@ -296,7 +296,7 @@ def spd(d, seed):
 
 @pytest.mark.parametrize("N", [1, 3, 5])
 def test_lbfgs_secant_condition(N):
-    """y_k = A s_k with A SPD: H~ s_N = y_N (ALGORITHMS.md D8 test 1)."""
+    """y_k = A s_k with A SPD: H~ s_N = y_N."""
     A = spd(6, seed=N)
     S = randn(N, 6, seed=10 + N)
     Y = S @ A
@@ -304,7 +304,7 @@ def test_lbfgs_secant_condition(N):
 
 
 def test_lbfgs_with_conjugate_directions_is_exact():
-    """N = d A-conjugate directions (A's eigenvectors): H~ v = A v for every v (ALGORITHMS.md D8 test 1)."""
+    """N = d A-conjugate directions (A's eigenvectors): H~ v = A v for every v."""
     A = spd(5, seed=4)
     eigenvectors = torch.linalg.eigh(A).eigenvectors.T
     S = eigenvectors[torch.randperm(5, generator=torch.Generator().manual_seed(0))] * 2.0
@@ -325,14 +325,14 @@ def test_lbfgs_off_the_pairs_is_sigma_of_the_newest_pair():
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_gap_statistic_uniform_scores_give_one_cluster(seed):
-    """Scores uniform on [0, 1]: k^ = 1 (ALGORITHMS.md D8 test 3)."""
+    """Scores uniform on [0, 1]: k^ = 1."""
     scores = np.random.default_rng(seed).uniform(0, 1, 20)
     assert baselines.gap_statistic(scores, np.random.default_rng(0)) == 1
 
 
 @pytest.mark.parametrize("sizes", [(7, 3), (10, 10)])
 def test_gap_statistic_separated_groups_give_several_clusters(sizes):
-    """Two well-separated groups of scores: k^ >= 2 (ALGORITHMS.md D8 test 3)."""
+    """Two well-separated groups of scores: k^ >= 2."""
     rng = np.random.default_rng(1)
     scores = np.concatenate([rng.normal(0.1, 0.005, sizes[0]), rng.normal(0.9, 0.005, sizes[1])])
     assert baselines.gap_statistic(scores, np.random.default_rng(0)) >= 2
@@ -340,7 +340,7 @@ def test_gap_statistic_separated_groups_give_several_clusters(sizes):
 
 @pytest.mark.parametrize("n, d", [(2, 3), (3, 5), (10, 20), (30, 40)])
 def test_two_means_1d_is_the_best_split(n, d):
-    """Exact 1-D 2-means equals the brute-force best split; the upper cluster has the larger mean (D8 test 4)."""
+    """Exact 1-D 2-means equals the brute-force best split; the upper cluster has the larger mean."""
     values = randn(n, d, seed=n) * torch.rand(1, d, generator=torch.Generator().manual_seed(n),
                                               dtype=torch.float64) * 5
     upper, gap = baselines.two_means_1d(values)
@@ -378,7 +378,7 @@ def fldetector_rounds(n=10, d=20, bad=(2, 5, 7), rounds=8, window=3, cold_start=
 
 
 def test_fldetector_expels_inconsistent_clients_and_restarts():
-    """After cold start + window the off-trajectory clients are expelled and w reset to w_init (D8 tests 2, 4)."""
+    """After cold start + window the off-trajectory clients are expelled and w reset to w_init."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn: fewer distinct scores than clusters tried
         decisions, malicious, w_init, detector = fldetector_rounds(window=3, cold_start=2)
@@ -404,12 +404,12 @@ def test_fldetector_expels_inconsistent_clients_and_restarts():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D9. FLCert
+# FLCert
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_clients, n_groups", [(1, 1), (10, 3), (25, 5), (7, 7)])
 def test_flcert_groups_cover_every_client_once(n_clients, n_groups):
-    """The partition covers every client exactly once, in N non-empty groups (ALGORITHMS.md D9 test 1)."""
+    """The partition covers every client exactly once, in N non-empty groups."""
     groups = baselines.flcert_groups(n_clients, n_groups)
     members = [[c for c in range(n_clients) if groups[c] == g] for g in range(n_groups)]
     assert len(groups) == n_clients and set(groups) <= set(range(n_groups))
@@ -424,13 +424,13 @@ def test_flcert_groups_cover_every_client_once(n_clients, n_groups):
     np.random.default_rng(1).integers(0, 6, (5, 300)).tolist(),
 ])
 def test_plurality_vote_is_the_mode_ties_to_smallest(predictions):
-    """The vote equals the Counter mode of each column, ties to the smaller label (ALGORITHMS.md D9 test 2)."""
+    """The vote equals the Counter mode of each column, ties to the smaller label."""
     expected = [ref_vote(column) for column in zip(*predictions)]
     assert fl.plurality_vote(torch.tensor(predictions)).tolist() == expected
 
 
 def test_flcert_update_is_per_group_median():
-    """Row g of FLCert's update is the numpy median of its group's participants, 0 for an absent group (D9)."""
+    """Row g of FLCert's update is the numpy median of its group's participants, 0 for an absent group."""
     clients = [7, 0, 9, 3, 1, 6, 4]  # groups c mod 3: group 0 has 4 members (even), group 1 three, group 2 none
     U = randn(len(clients), 5, seed=3)
     d = baselines.FLCert(10, 3)(U, make_round(U, clients, torch.zeros(3, 5, dtype=torch.float64)))
@@ -442,7 +442,7 @@ def test_flcert_update_is_per_group_median():
 
 
 def test_predict_with_model_stack_is_the_vote_of_the_models():
-    """fl.predict on a [G, d] stack equals the plurality vote of the G models' own predictions (D9)."""
+    """fl.predict on a [G, d] stack equals the plurality vote of the G models' own predictions."""
     torch.manual_seed(0)
     model = fl.MLP(1, 4, 3)
     w = fl.flatten_params(model)
@@ -457,11 +457,11 @@ def test_predict_with_model_stack_is_the_vote_of_the_models():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D11. Auror
+# Auror
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_auror_flags_the_small_blob():
-    """Two well-separated Gaussian blobs (7 and 3): the 3 are flagged, the 7 averaged (ALGORITHMS.md D11 test 1)."""
+    """Two well-separated Gaussian blobs (7 and 3): the 3 are flagged, the 7 averaged."""
     U = blobs((7, 3), 20, spread=0.1)
     features = baselines.indicative_features(U, 0.5)
     d = baselines.auror(U, features)
@@ -503,7 +503,7 @@ def test_auror_equal_clusters_or_no_features_flag_nobody():
 
 
 def test_auror_features_with_identical_clusters_are_not_indicative():
-    """Only columns whose 2-means centroids are more than alpha apart are indicative (ALGORITHMS.md D11 test 2)."""
+    """Only columns whose 2-means centroids are more than alpha apart are indicative."""
     split = [0.0] * 5 + [1.0] * 5                         # centroids 1 apart: indicative
     constant = [0.3] * 10                                  # both clusters identical: not
     small = (0.01 * randn(10, seed=1)).tolist()            # centroids < 0.5 apart: not
@@ -513,11 +513,11 @@ def test_auror_features_with_identical_clusters_are_not_indicative():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D12. FoolsGold
+# FoolsGold
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_foolsgold_sybils_get_zero_honest_keep_weight():
-    """Two identical sybil histories both get weight 0; distinct honest clients keep positive weight (D12 test 1)."""
+    """Two identical sybil histories both get weight 0; distinct honest clients keep positive weight."""
     sybil = randn(40, seed=1)
     H = torch.cat([randn(5, 40, seed=2), sybil[None], sybil[None]])
     weights = baselines.foolsgold_weights(H)
@@ -526,7 +526,7 @@ def test_foolsgold_sybils_get_zero_honest_keep_weight():
 
 
 def test_foolsgold_orthogonal_client_gets_one():
-    """A client orthogonal to all others gets weight 1 (ALGORITHMS.md D12 test 2)."""
+    """A client orthogonal to all others gets weight 1."""
     others = randn(5, 30, seed=3) + 2 * randn(30, seed=4)   # mutually correlated
     others[:, 0] = 0
     orthogonal = torch.zeros(30, dtype=torch.float64)
@@ -546,7 +546,7 @@ def foolsgold_inputs(seed):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_foolsgold_weights_match_official_steps_and_lie_in_unit_interval(seed):
-    """foolsgold_weights equals a numpy re-implementation of the official steps; weights in [0, 1] (D12 test 3)."""
+    """foolsgold_weights equals a numpy re-implementation of the official steps; weights in [0, 1]."""
     H = foolsgold_inputs(seed)
     weights = baselines.foolsgold_weights(H)
     np.testing.assert_allclose(weights.numpy(), ref_foolsgold(H.numpy()), rtol=1e-9, atol=1e-12)
@@ -554,14 +554,14 @@ def test_foolsgold_weights_match_official_steps_and_lie_in_unit_interval(seed):
 
 
 def test_foolsgold_is_permutation_equivariant():
-    """Permuting the clients permutes their weights (ALGORITHMS.md D12 test 4)."""
+    """Permuting the clients permutes their weights."""
     H = foolsgold_inputs(7)
     p = torch.randperm(len(H), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(baselines.foolsgold_weights(H[p]), baselines.foolsgold_weights(H)[p])
 
 
 def test_foolsgold_server_accumulates_histories_by_client():
-    """The server sums each client's updates over rounds and aggregates (1/n) sum alpha_i Delta_i (D12 step 8)."""
+    """The server sums each client's updates over rounds and aggregates (1/n) sum alpha_i Delta_i."""
     server = baselines.FoolsGold()
     first, second = foolsgold_inputs(1), foolsgold_inputs(2)[:5]
     server(first, make_round(first))
@@ -574,18 +574,18 @@ def test_foolsgold_server_accumulates_histories_by_client():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D13. FedDMC
+# FedDMC
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_btbcn_flags_singleton_noise_and_small_blob():
-    """Tight blobs of 8 and 4 plus a far singleton: the singleton and the 4 are flagged, the 8 not (D13 test 1)."""
+    """Tight blobs of 8 and 4 plus a far singleton: the singleton and the 4 are flagged, the 8 not."""
     points = torch.cat([blobs((8, 4), 10, spread=0.1), 200 + randn(1, 10, seed=9)])
     assert baselines.btbcn(points, 3).tolist() == [False] * 8 + [True] * 5
 
 
 def test_btbcn_discards_the_small_branch_not_the_majority():
     """A 9-client branch (sub-blobs of 5 and 4) beside a 3-client branch: the 3 are the noise (the loop's rule),
-    where the official code's ``>=`` boundary discards the 9 whenever the 3 are the right child (D13 step 3)."""
+    where the official code's ``>=`` boundary discards the 9 whenever the 3 are the right child."""
     for seed in range(5):
         points = torch.cat([0.05 * randn(5, 10, seed=seed), 1 + 0.05 * randn(4, 10, seed=seed + 10),
                             10 + 0.05 * randn(3, 10, seed=seed + 20)])
@@ -593,10 +593,10 @@ def test_btbcn_discards_the_small_branch_not_the_majority():
 
 
 def test_btbcn_two_small_children_are_both_noise():
-    """Both children of the node reached small (3 and 3 leaves): everything left is noise, so all 9 are flagged
-    (D13 step 3). The Ward tree in 1-D: the root splits off a far pair, then a singleton, leaving two triples. The
-    official code's ``>=`` test would take one triple for the large child, reach 6 noise leaves (> 9 // 2) and
-    keep the other triple as benign."""
+    """Both children of the node reached small (3 and 3 leaves): everything left is noise, so all 9 are flagged.
+    The Ward tree in 1-D: the root splits off a far pair, then a singleton, leaving two triples. The official
+    code's ``>=`` test would take one triple for the large child, reach 6 noise leaves (> 9 // 2) and keep the
+    other triple as benign."""
     points = torch.tensor([[60.0], [60.5], [20.0], [0.0], [0.1], [0.2], [5.0], [5.1], [5.2]], dtype=torch.float64)
     assert baselines.btbcn(points, 3).tolist() == [True] * 9
 
@@ -610,7 +610,7 @@ def test_btbcn_two_small_children_are_both_noise():
     ([True, True, False], True),                       # fewer than 10 remembered: 2 of 3
 ])
 def test_window_majority(flags, expected):
-    """Flagged iff flagged in more than half of the last 10 rounds (ALGORITHMS.md D13 test 2)."""
+    """Flagged iff flagged in more than half of the last 10 rounds."""
     history = {}
     for flag in flags[:-1]:
         baselines.window_majority(history, "c", flag)
@@ -618,7 +618,7 @@ def test_window_majority(flags, expected):
 
 
 def test_feddmc_averages_the_unflagged_clients():
-    """FedDMC on updates forming blobs 8 + 4 + far singleton accepts and averages the 8 (D13 steps 1-5)."""
+    """FedDMC on updates forming blobs 8 + 4 + far singleton accepts and averages the 8."""
     U = torch.cat([blobs((8, 4), 30, spread=0.1, seed=4), 200 + randn(1, 30, seed=5)])
     d = baselines.FedDMC()(U, make_round(U))
     assert d.accepted.tolist() == [True] * 8 + [False] * 5
@@ -626,7 +626,7 @@ def test_feddmc_averages_the_unflagged_clients():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D14. FedCPA
+# FedCPA
 # ---------------------------------------------------------------------------------------------------------------
 
 def importances(n, d, seed):
@@ -636,7 +636,7 @@ def importances(n, d, seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fedcpa_weights_match_formula_in_unit_interval_with_a_one(seed):
-    """Weights equal the formula in numpy, lie in [0, 1], and at least one is 1 (ALGORITHMS.md D14 test 1)."""
+    """Weights equal the formula in numpy, lie in [0, 1], and at least one is 1."""
     I = importances(7, 300, seed)
     I_global = (randn(300, seed=seed + 7) + 0.5 * I[0]).abs()
     weights = baselines.fedcpa_weights(I, I_global, share=0.05)
@@ -654,7 +654,7 @@ def critical_sets(I, k):
 
 
 def test_critical_similarity_matches_formula_and_is_symmetric():
-    """critical_similarity equals the D14 step-4 formula in numpy and is symmetric (ALGORITHMS.md D14 test 2)."""
+    """critical_similarity equals FedCPA's similarity formula in numpy and is symmetric."""
     I = importances(4, 200, seed=5)
     for i in range(4):
         for j in range(4):
@@ -665,15 +665,16 @@ def test_critical_similarity_matches_formula_and_is_symmetric():
 
 
 def test_critical_similarity_identical_clients():
-    """Identical clients: Jaccard 1 on both sets, Pearson 1, so similarity 2 (ALGORITHMS.md D14 test 3)."""
+    """Identical clients: Jaccard 1 on both sets, Pearson 1, so similarity 2."""
     a = critical_sets(importances(1, 100, seed=2)[0], 5)
     assert baselines.critical_similarity(*a, *a) == pytest.approx(2.0, abs=1e-12)
 
 
 def test_fedcpa_server_weights_and_aggregate_over_three_rounds():
-    """FedCPA's server over rounds 0-2 equals the D14 steps 1-7 in numpy: I_i against the current global model
-    every round, I_G from the last two global models, and only round 0's I_G from the code's stand-ins (the
-    round's plain FedAvg bar w and w^0); round 1's w^{t-2} is w^0, not round 0's bar w as in the code."""
+    """FedCPA's server over rounds 0-2 equals its algorithm (Han et al., ICCV 2023) in numpy: I_i against the
+    current global model every round, I_G from the last two global models, and only round 0's I_G from the code's
+    stand-ins (the round's plain FedAvg bar w and w^0); round 1's w^{t-2} is w^0, not round 0's bar w as in the
+    code."""
     weights = [slice(0, 150), slice(160, 400)]
     server = baselines.FedCPA(weights, share=0.05)
 
@@ -697,12 +698,12 @@ def test_fedcpa_server_weights_and_aggregate_over_three_rounds():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D15. FreqFed
+# FreqFed
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(3, 200), (7, 5), (10, 10)])
 def test_dct2_is_orthonormal_dct_and_inverted_by_idctn(shape):
-    """dct2 = C_H X C_W^T (orthonormal DCT-II), keeps the Frobenius norm, scipy's idctn inverts it (D15 test 1)."""
+    """dct2 = C_H X C_W^T (orthonormal DCT-II), keeps the Frobenius norm, scipy's idctn inverts it."""
     X = randn(*shape, seed=1).numpy()
     V = baselines.dct2(X)
     np.testing.assert_allclose(V, ref_dct_matrix(shape[0]) @ X @ ref_dct_matrix(shape[1]).T, atol=1e-10)
@@ -712,7 +713,7 @@ def test_dct2_is_orthonormal_dct_and_inverted_by_idctn(shape):
 
 @pytest.mark.parametrize("H, W", [(2, 2), (3, 200), (10, 84), (7, 5), (1, 9), (16, 16)])
 def test_low_frequency_mask_is_the_top_left_triangle(H, W):
-    """Keeps V[0,0], never V[H-1,W-1], and equals a < H/2, b < W/2, a + b <= floor((H+W)/4) (D15 test 3)."""
+    """Keeps V[0,0], never V[H-1,W-1], and equals a < H/2, b < W/2, a + b <= floor((H+W)/4)."""
     mask = baselines.low_frequency_mask(H, W)
     expected = [[a < H / 2 and b < W / 2 and a + b <= math.floor((H + W) / 4) for b in range(W)] for a in range(H)]
     assert mask.tolist() == expected
@@ -725,7 +726,7 @@ def freqfed_case():
 
 
 def test_freqfed_admits_largest_cluster_and_is_scale_invariant():
-    """The largest cluster is admitted and averaged; scaling an update by c > 0 keeps the admitted set (D15 test 2)."""
+    """The largest cluster is admitted and averaged; scaling an update by c > 0 keeps the admitted set."""
     U, layer, shape = freqfed_case()
     d = baselines.freqfed(U, torch.zeros(U.shape[1], dtype=U.dtype), shape, layer)  # w^{t-1} = 0: W_i = Delta_i
     assert d.accepted.tolist() == [True] * 6 + [False] * 3
@@ -738,7 +739,7 @@ def test_freqfed_admits_largest_cluster_and_is_scale_invariant():
 
 
 def test_freqfed_clusters_on_low_frequencies_only():
-    """Clustering uses only the low-frequency DCT coefficients, not the high-frequency ones (D15 steps 1-2)."""
+    """Clustering uses only the low-frequency DCT coefficients, not the high-frequency ones."""
     shape, mask = (4, 30), baselines.low_frequency_mask(4, 30)
     low = [randn(*shape, seed=1).numpy() * mask, randn(*shape, seed=2).numpy() * mask]
     rows = []
