@@ -689,38 +689,59 @@ def save(results, out):
 
 
 def plot(results, path):
-    """TACC (and ASR), the reconstruction errors of benign vs attacking updates, DACC and MR, per round."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """results.png, per round: TACC (and ASR); each update's reconstruction error e with FedREDefense's threshold
+    gamma, or FedDefuse's recoverability R; DACC over the participants (its mean is ADACC); MR (its mean is MR).
+    A panel whose metric the defense does not compute says n/a and why. Returns the figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    rounds = results["rounds"]
+    rounds, c = results["rounds"], results["config"]
     t = [r["round"] for r in rounds]
     series = lambda key: [float("nan") if r[key] is None else 100 * r[key] for r in rounds]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    (acc, err), (dacc, mr) = axes
+
+    def n_a(ax, why):  # no data: say so, with no scale to read
+        ax.text(0.5, 0.5, f"n/a: {why}", transform=ax.transAxes, ha="center", va="center")
+        ax.set_yticks([])
+
+    fig = Figure(figsize=(11, 7), layout="tight")
+    (acc, err), (dacc, mr) = axes = fig.subplots(2, 2)
     acc.plot(t, series("tacc"), label="TACC")
     if rounds[0]["asr"] is not None:
         acc.plot(t, series("asr"), label="ASR")
-    acc.set(title="Global model", ylabel="%", ylim=(0, 100))
+    acc.set(title="Global model", ylabel="%")
     acc.legend()
+
+    err.set(**({"title": "Recoverability R per update", "ylabel": "R"} if c["defense"] == "feddefuse"
+               else {"title": "Reconstruction error e per update", "ylabel": "e"}))
     for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
-        pts = [(r["round"], e) for r in rounds for c, e in (r["errors"] or {}).items()
-               if (int(c) in r["attacking"]) == attacking]
+        pts = [(r["round"], e) for r in rounds for k, e in (r["errors"] or {}).items()
+               if (int(k) in r["attacking"]) == attacking]
         if pts:
             err.scatter(*zip(*pts), s=8, color=color, alpha=0.6, label=label)
-    err.set(title="Reconstruction error per update", yscale="log")
+    if c["defense"] == "fedredefense":  # it flags e > gamma
+        gamma = fedredefense.HYPER[c["dataset"]].gamma
+        err.axhline(gamma, color="black", linestyle="--", label=f"γ = {gamma:g}")
     if err.has_data():
+        err.set_yscale("log")
         err.legend()
-    dacc.plot(t, series("dacc"))
-    dacc.set(title="DACC per round", ylabel="%", ylim=(-2, 102), xlabel="round")
-    mr.plot(t, series("mr"), color="tab:red")
-    mr.set(title="MR per round", ylabel="%", ylim=(-2, 102), xlabel="round")
-    c = results["config"]
+    else:
+        n_a(err, f"{c['defense']} reconstructs no updates")
+
+    for ax, key, title, color in ((dacc, "dacc", "Per-round DACC (mean = ADACC)", "tab:blue"),
+                                  (mr, "mr", "Per-round MR (mean = MR)", "tab:red")):
+        ax.set(title=title, ylabel="%")
+        if any(r[key] is not None for r in rounds):
+            ax.plot(t, series(key), color=color)
+        else:
+            n_a(ax, f"{c['defense']} does not label clients")
+    for ax in axes.flat:
+        ax.set(xlabel="round", xlim=(0.5, len(rounds) + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is not err:
+            ax.set_ylim(-5, 105)  # a line at 0 or 100 stays off the frame
     fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")
-    fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def pct(v):
