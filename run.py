@@ -159,8 +159,11 @@ def parse_args(argv=None):
     p.add_argument("--attack-rounds", type=int, default=50, help="pattern II: rounds that attack (default: 50)")
     p.add_argument("--attack-prob", type=float, default=0.2, help="pattern III: attack probability (default: 0.2)")
     p.add_argument("--signflip-k", type=float, default=1.0, help="sign-flip's k: send -k times the update (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of everything (data split, model initialisation, sampling, attacks, training): the "
+                        "same command gives the same numbers (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto, cpu or cuda; auto picks CUDA when it is available (default: auto)")
     p.add_argument("--save-replay", action="store_true",
                    help="feddefuse: also write replay.pt, each round's Algorithm 2 inputs (feddefuse.replay)")
     p.add_argument("--out", help="output folder for results.json, results.png and checkpoint.pt (default: "
@@ -680,6 +683,9 @@ def write_text(path, text):
 
 
 def save(results, out):
+    """results.json and results.png in ``out``. The rates in results.json (TACC, ASR, DACC, FPR, FNR, ADACC, AFPR,
+    AFNR, MR, per round and final) are fractions in [0, 1], where the console and the plot print percent; AAR is in
+    rounds; reconstruction errors and R are as the defense computes them."""
     os.makedirs(out, exist_ok=True)
     def dump(tmp):
         with open(tmp, "w") as f:
@@ -1054,7 +1060,8 @@ def summary_table(runs, metrics, layout):
 def write_summary(root):
     """summary.md (the paper's layout: rows defenses, columns attacks, mean ± std over seeds, a worst-case column;
     one table per combination of the other settings that vary) and summary.csv (one row per cell) under a grid's
-    folder. Works on any folder of cell folders, e.g. merged from several machines."""
+    folder. Works on any folder of cell folders, e.g. merged from several machines. summary.md prints percent;
+    summary.csv keeps results.json's fractions in [0, 1] (AAR in rounds)."""
     grid, runs, errors = read_grid(root)
     configs = [r["config"] for r in runs.values()]
     varied = [k for k in (configs[0] if configs else {}) if k != "out" and
