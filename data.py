@@ -31,6 +31,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+import fl
+
 DATASETS = ("digits", "mnist", "fmnist", "cifar10", "cinic10")
 
 # Per-channel (mean, std) of the normalisation, as in the official code (code sec. 5): it uses the MNIST
@@ -84,7 +86,7 @@ CONTENT = {"fmnist": {
 }}
 
 
-class DataError(Exception):
+class DataError(fl.UserError):
     """A dataset that cannot be loaded or fetched; the message is one user-facing line."""
 
 

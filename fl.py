@@ -7,10 +7,13 @@ Conventions (used by every module):
 - A client's update is ``g_i = w_i - w_global`` (FedREDefense eq. 2 notation; FedDefuse writes Delta_i).
 - A round's updates are one tensor ``[n_clients, n_params]``.
 """
+import argparse
+import contextlib
 import copy
 import ctypes
 import dataclasses
 import math
+import os
 import queue
 import sys
 import time
@@ -400,6 +403,68 @@ def end_progress():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Command lines (run.py, feddefuse.py, this file's benchmark): what the user can get wrong ends in one line
+# ---------------------------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A failure the user causes and can fix (a flag, a path, a file): its message is one line saying what is wrong
+    and what to do."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, caught where it is known what was kept: its message says so, and how to go on."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose bad flags and values are a ``UserError`` (the usage is under --help)."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def number(text):
+    """A finite float (argparse's ``type`` for a number flag: nan and inf are no setting)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+@contextlib.contextmanager
+def command_line(prog):
+    """Around a command's work: a ``UserError`` ends in one line on stderr, "PROG: error: ...", and exit code 2;
+    Ctrl-C in one line (an ``Interrupted``'s message, else "PROG: interrupted") and exit code 130; a closed stdout
+    quietly, exit code 1. A traceback is for bugs only."""
+    try:
+        yield
+    except UserError as e:
+        end_progress()
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        end_progress()
+        sys.stderr.write(f"{prog}: {e or 'interrupted'}\n")
+        sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def load_file(path, what, fix, looks_right, **kw):
+    """``torch.load(path, **kw)`` of a file the user points to. One that cannot be read, or whose content fails
+    ``looks_right``, is a ``UserError`` naming it, ``what`` it should be, and the ``fix``."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file; {fix}")
+    try:
+        content = torch.load(path, **kw)
+    except Exception as e:  # torch.load raises whatever its unpickler meets in a damaged or foreign file
+        raise UserError(f"{path} is damaged or not {what} ({type(e).__name__}); {fix}") from None
+    if not looks_right(content):
+        raise UserError(f"{path} is not {what}; {fix}")
+    return content
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Benchmark: ``python fl.py [cpu|cuda]``, the project against the plain per-client loop, side by side
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -526,9 +591,18 @@ def benchmark(device="cpu"):
           f"(from the FedAvg round above, reconstruct at {r:.1f} client iterations/s, and {it})")
 
 
+def main(argv=None):
+    """``python fl.py [cpu|cuda]``: ``benchmark`` on the device."""
+    p = Parser(prog="fl.py", description="The project against plain per-client loops, and a projected paper-scale "
+                                         "FashionMNIST FedREDefense run (needs FashionMNIST, README).")
+    p.add_argument("device", nargs="?", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    with command_line("fl.py"):
+        args = p.parse_args(argv)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("argument device: there is no CUDA device here (give cpu)")
+        benchmark(args.device)
+
+
 if __name__ == "__main__":
-    import data
-    try:
-        benchmark(sys.argv[1] if len(sys.argv) > 1 else "cpu")
-    except data.DataError as e:
-        sys.exit(f"fl.py: {e}")
+    import fl  # this file as the module data.py imports, whose UserError a DataError is (not __main__'s copy)
+    fl.main()
