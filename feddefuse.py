@@ -23,7 +23,6 @@ The server runs a divide-and-compute pipeline on every round's updates ``[n_clie
    inputs, and ``replay`` reruns Algorithm 2 on them offline under other knobs, in milliseconds:
    ``python feddefuse.py replay RUN/replay.pt --n-representatives 1 5 10`` (RUN from ``run.py --save-replay``).
 """
-import argparse
 import dataclasses
 import itertools
 from dataclasses import dataclass
@@ -576,48 +575,60 @@ def diagnosis(records):
 
 def main(argv=None):
     """``replay``: print replay_metrics for every recorded run and every combination of the knob values given.
-    ``diagnose``: print ``diagnosis`` for every recorded run.
+    ``diagnose``: print ``diagnosis`` for every recorded run. Every file is checked before anything is printed.
 
     One thread: a round is a few [n, d'] tensors, and on a busy machine the thread pools of torch and of
     scikit-learn's KMeans cost ~200 ms a round where one thread takes ~5 ms.
     """
-    p = argparse.ArgumentParser(prog="feddefuse.py", description="Replay Algorithm 2 on recorded rounds.")
+    p = fl.Parser(prog="feddefuse.py", description="Replay Algorithm 2 on recorded rounds.")
     commands = p.add_subparsers(dest="command", required=True)
     q = commands.add_parser(
         "replay", help="RUN/replay.pt files (run.py --save-replay); knobs not given keep their recorded values")
     q.add_argument("files", nargs="+")
     q.add_argument("--n-representatives", type=int, nargs="+", help="K of eq. 9 (K >= n: K = |Delta_m|)")
-    q.add_argument("--alpha", type=float, nargs="+")
-    q.add_argument("--dbscan-eps", type=float, nargs="+")
+    q.add_argument("--alpha", type=fl.number, nargs="+")
+    q.add_argument("--dbscan-eps", type=fl.number, nargs="+")
     q.add_argument("--dbscan-min-samples", type=int, nargs="+")
     q.add_argument("--rule", choices=("mean", "sum"), nargs="+")
     d = commands.add_parser("diagnose", help="where the recorded decisions come from (see ``diagnosis``)")
     d.add_argument("files", nargs="+")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    threadpoolctl.threadpool_limits(1)
-    if args.command == "diagnose":
-        print("| run | attacked rounds | d_b attacking / genuine, median (IQR) | d_b separates | R separates | "
-              "Delta_b clean | gate: uniform | MR, gate off | MR, gate off, true split | cosine of genuine |")
-        print("|---" * 10 + "|")
-        for path in args.files:
-            m = diagnosis(torch.load(path))
-            n = m["rounds"]
-            print(f"| {path} | {n} | {m['db_ratio']:.2f} ({m['db_ratio_iqr'][0]:.2f}-{m['db_ratio_iqr'][1]:.2f}) | "
-                  f"{m['db_separable']}/{n} | {m['r_separable']}/{n} | {m['split_clean']}/{n} | {m['uniform']}/{n} | "
-                  f"{100 * m['mr_gate_off']:.1f} | {100 * m['mr_gate_off_true_split']:.1f} | {m['cosine']:.3f} |")
-        return
-    grid = {k: getattr(args, k) for k in ALGORITHM2 if getattr(args, k) is not None}
-    print("| run | " + " | ".join(ALGORITHM2) + " | ADACC | MR | MR=0 rounds | FPR | gate fired |")
-    print("|---" * (len(ALGORITHM2) + 6) + "|")
-    for path in args.files:
-        records = torch.load(path)
-        for values in itertools.product(*grid.values()):
-            variant = dict(zip(grid, values))
-            knobs = {**records[0]["hyper"], **variant}
-            m = replay_metrics(records, **variant)
-            print(f"| {path} | " + " | ".join(str(knobs[k]) for k in ALGORITHM2) + " | "
-                  + " | ".join(f"{100 * m[k]:.1f}" for k in ("adacc", "mr", "mr0", "fpr", "gated")) + " |")
+    with fl.command_line("feddefuse.py"):
+        args = p.parse_args(argv)
+        for flag, ok, allowed in (("n_representatives", lambda k: k >= 0, "integers >= 0"),
+                                  ("alpha", lambda a: 0 <= a <= 1, "numbers in [0, 1]"),
+                                  ("dbscan_eps", lambda e: e > 0, "numbers > 0"),
+                                  ("dbscan_min_samples", lambda m: m >= 1, "integers >= 1")):
+            values = getattr(args, flag, None) or []
+            if not all(map(ok, values)):
+                p.error(f"argument --{flag.replace('_', '-')}: must be {allowed} (got {' '.join(map(str, values))})")
+        looks_right = lambda records: isinstance(records, list) and len(records) > 0 and all(
+            isinstance(r, dict) and {"coeffs", "hyper"} <= r.keys() for r in records)
+        runs = {path: fl.load_file(path, "a replay file", "give the replay.pt of a run.py --save-replay run",
+                                   looks_right, mmap=True) for path in args.files}  # mmap: read as needed
+        torch.set_num_threads(1)
+        threadpoolctl.threadpool_limits(1)
+        if args.command == "diagnose":
+            print("| run | attacked rounds | d_b attacking / genuine, median (IQR) | d_b separates | R separates | "
+                  "Delta_b clean | gate: uniform | MR, gate off | MR, gate off, true split | cosine of genuine |")
+            print("|---" * 10 + "|")
+            for path, records in runs.items():
+                m = diagnosis(records)
+                n = m["rounds"]
+                iqr = m["db_ratio_iqr"]
+                print(f"| {path} | {n} | {m['db_ratio']:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f}) | {m['db_separable']}/{n} | "
+                      f"{m['r_separable']}/{n} | {m['split_clean']}/{n} | {m['uniform']}/{n} | "
+                      f"{100 * m['mr_gate_off']:.1f} | {100 * m['mr_gate_off_true_split']:.1f} | {m['cosine']:.3f} |")
+            return
+        grid = {k: getattr(args, k) for k in ALGORITHM2 if getattr(args, k) is not None}
+        print("| run | " + " | ".join(ALGORITHM2) + " | ADACC | MR | MR=0 rounds | FPR | gate fired |")
+        print("|---" * (len(ALGORITHM2) + 6) + "|")
+        for path, records in runs.items():
+            for values in itertools.product(*grid.values()):
+                variant = dict(zip(grid, values))
+                knobs = {**records[0]["hyper"], **variant}
+                m = replay_metrics(records, **variant)
+                print(f"| {path} | " + " | ".join(str(knobs[k]) for k in ALGORITHM2) + " | "
+                      + " | ".join(f"{100 * m[k]:.1f}" for k in ("adacc", "mr", "mr0", "fpr", "gated")) + " |")
 
 
 if __name__ == "__main__":
