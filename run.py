@@ -17,16 +17,14 @@ One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, s
   6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
 """
 import argparse
-import concurrent.futures
-import contextlib
 import copy
 import csv
-import io
 import itertools
 import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -97,15 +95,11 @@ OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run
 # Command line
 # -----------------------------------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad input: one line on stderr, exit code 2."""
-        sys.stderr.write(f"run.py: error: {message}\n")
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = Parser(description="Reconstruction-based defenses against model poisoning in federated learning.")
+    """The run's settings: the flags, checked, with the defaults of its dataset, scale and protocol filled in. A bad
+    flag, value or combination, or an --out or --data-dir that cannot be one, is a ``fl.UserError``."""
+    p = fl.Parser(prog="run.py", allow_abbrev=False,  # a grid tells its own flags from a cell's by their full names
+                  description="Reconstruction-based defenses against model poisoning in federated learning.")
     p.add_argument("--dataset", choices=data.DATASETS, default="digits")
     p.add_argument("--data-dir", default="data", help="where the real datasets live (default: data)")
     p.add_argument("--download", action="store_true", help="fetch a missing dataset into --data-dir")
@@ -135,8 +129,8 @@ def parse_args(argv=None):
     p.add_argument("--train-size", type=int,
                    help="training images the clients share: a seeded subset stratified by class (default: all at "
                         "--scale paper and on digits; at laptop, 1/100 of the training set per client)")
-    p.add_argument("--beta", type=float, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
-    p.add_argument("--participation", type=float, default=1.0,
+    p.add_argument("--beta", type=fl.number, default=0.1, help="Dirichlet non-IID degree (default: 0.1)")
+    p.add_argument("--participation", type=fl.number, default=1.0,
                    help="share of all clients sampled per round (default: 1.0)")
     p.add_argument("--participants", type=int,
                    help="clients per round (overrides --participation; default under FedDefuse's protocol on a real "
@@ -151,14 +145,15 @@ def parse_args(argv=None):
                    help="what crafted attacks know: partial (every compromised participant's genuine update) or "
                         "full (every participant's)")
     p.add_argument("--model", choices=tuple(fl.MODELS), help="cnn (FedREDefense) or mlp (FedDefuse)")
-    p.add_argument("--max-malicious-share", type=float, default=0.6,
+    p.add_argument("--max-malicious-share", type=fl.number, default=0.6,
                    help="A-bar: most of a round's participants that may be malicious, for --sampling capped and "
                         "attackers-first (default: 0.6)")
     p.add_argument("--pattern", choices=PATTERNS, default="I",
                    help="I: attack every round; II: only the first --attack-rounds; III: with --attack-prob")
     p.add_argument("--attack-rounds", type=int, default=50, help="pattern II: rounds that attack (default: 50)")
-    p.add_argument("--attack-prob", type=float, default=0.2, help="pattern III: attack probability (default: 0.2)")
-    p.add_argument("--signflip-k", type=float, default=1.0, help="sign-flip's k: send -k times the update (default 1)")
+    p.add_argument("--attack-prob", type=fl.number, default=0.2, help="pattern III: attack probability (default: 0.2)")
+    p.add_argument("--signflip-k", type=fl.number, default=1.0,
+                   help="sign-flip's k: send -k times the update (default 1)")
     p.add_argument("--seed", type=int, default=0,
                    help="the seed of everything (data split, model initialisation, sampling, attacks, training): the "
                         "same command gives the same numbers (default: 0)")
@@ -169,7 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder for results.json, results.png and checkpoint.pt (default: "
                                  "runs/<setting>); a folder holding this same run's checkpoint resumes it")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last finished round, with the "
-                                                   "settings it was started with (other flags are ignored)")
+                                                   "settings it was started with; --rounds, the one flag it takes, "
+                                                   "extends it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's results in --out (without it such a folder is refused)")
     p.add_argument("--summarize", nargs="+", metavar="RUN",
@@ -183,8 +179,18 @@ def parse_args(argv=None):
     grid.add_argument("--print-commands", action="store_true",
                       help="print one self-contained command per cell still to run, and exit")
     args = p.parse_args(argv)
-    if args.summarize or args.resume:
+    defaults = vars(p.parse_args([]))
+    given = [k for k, v in vars(args).items() if v != defaults[k]]  # the flags given a value of their own
+    if args.summarize or args.resume:  # they read or continue earlier runs, whose settings are their own
+        takes = ["summarize"] if args.summarize else ["resume", "rounds"]
+        other = [k for k in given if k not in takes]
+        if other:
+            p.error(f"argument --{takes[0]}: takes {'--rounds alone' if args.resume else 'no other flag'} "
+                    f"(got --{other[0].replace('_', '-')})")
         return args
+    for flag in ("jobs", "print_commands"):
+        if flag in given:
+            p.error(f"argument --{flag.replace('_', '-')}: only for a grid (a comma-separated value, or --table)")
 
     args.protocol = args.protocol or ("feddefuse" if args.defense == "feddefuse" else "fedredefense")
     for key, value in PROTOCOLS[args.protocol].items():
@@ -212,11 +218,14 @@ def parse_args(argv=None):
         (args.train_size is None or 1 <= args.train_size <= TRAIN_SIZE[args.dataset], "--train-size",
          f"an integer in [1, {TRAIN_SIZE[args.dataset]}]", args.train_size),
         (args.root_size >= 1, "--root-size", "an integer >= 1", args.root_size),
-        (args.assumed_malicious >= 0, "--assumed-malicious", "an integer >= 0", args.assumed_malicious),
+        (0 <= args.assumed_malicious < args.clients, "--assumed-malicious", f"an integer in [0, {args.clients - 1}]",
+         args.assumed_malicious),
         (args.norm_bound in ("median", "oracle") or is_number(args.norm_bound, at_least=0), "--norm-bound",
          "median, oracle or a number >= 0", args.norm_bound),
         (args.beta > 0, "--beta", "a number > 0", args.beta),
         (0 < args.participation <= 1, "--participation", "a number in (0, 1]", args.participation),
+        ("participation" not in given or "participants" not in given, "--participation",
+         "left out with --participants, which sets the clients a round", args.participation),
         (1 <= args.participants <= args.clients, "--participants", f"an integer in [1, {args.clients}]",
          args.participants),
         (0 <= args.max_malicious_share <= 1, "--max-malicious-share", "a number in [0, 1]",
@@ -224,6 +233,9 @@ def parse_args(argv=None):
         (args.attack_rounds >= 0, "--attack-rounds", "an integer >= 0", args.attack_rounds),
         (0 <= args.attack_prob <= 1, "--attack-prob", "a number in [0, 1]", args.attack_prob),
         (args.signflip_k >= 0, "--signflip-k", "a number >= 0", args.signflip_k),
+        ("signflip_k" not in given or args.attack == "signflip", "--signflip-k",
+         "left out: only --attack signflip reads it", args.signflip_k),
+        (0 <= args.seed < 2 ** 32, "--seed", f"an integer in [0, {2 ** 32 - 1}]", args.seed),
         (args.device != "cuda" or torch.cuda.is_available(), "--device", "auto or cpu (no CUDA device here)",
          args.device),
     ]
@@ -236,15 +248,34 @@ def parse_args(argv=None):
         if most >= args.participants // 2 + 1:
             p.error(f"argument --attack: lie is undefined when attackers are a majority of a round "
                     f"({most} of {args.participants}); lower --malicious or --max-malicious-share")
-    scale = "" if args.dataset == "digits" else f"-{args.scale}"
-    args.out = args.out or os.path.join(
-        "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
+    if args.out is None:  # runs/<setting>: the main settings, then every other flag given (not where the data is)
+        scale = "" if args.dataset == "digits" else f"-{args.scale}"
+        named = ("dataset", "scale", "defense", "attack", "pattern", "seed", "data_dir", "download", "overwrite")
+        rest = "".join(f"_{k.replace('_', '-')}-{getattr(args, k)}" for k in given if k not in named)
+        args.out = os.path.join(
+            "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}{rest}")
+    check_folder("--out", args.out)
+    check_folder("--data-dir", args.data_dir, writable=args.download)
     return args
+
+
+def check_folder(flag, path, writable=True):
+    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) in
+    a place this process may not write to."""
+    if not path:
+        raise fl.UserError(f"argument {flag}: must name a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise fl.UserError(f"argument {flag}: {existing} is a file, not a folder (give a folder)")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise fl.UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
 
 
 def is_number(text, at_least):
     try:
-        return float(text) >= at_least
+        return fl.number(text) >= at_least
     except ValueError:
         return False
 
@@ -603,11 +634,14 @@ def progress_line(r, total, seconds_per_round):
 # -----------------------------------------------------------------------------------------------------------------
 
 def write_atomically(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written result behind."""
+    """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
+    system refuses (a full disk, a folder made read-only) is a ``fl.UserError`` naming the file."""
     tmp = path + ".tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise fl.UserError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):  # the write failed (an exception; a kill leaves it, to be overwritten next time)
             os.remove(tmp)
@@ -621,49 +655,65 @@ def save_checkpoint(out, state):
 
 
 def load_checkpoint(out, device, mmap=False):
-    """The checkpoint in ``out``, or None. ``mmap``: its tensors stay on disk until read (to read its config)."""
+    """The checkpoint in ``out``, or None; a damaged one is a ``fl.UserError`` naming it. ``mmap``: its tensors stay
+    on disk until read (to read its config)."""
     path = os.path.join(out, CHECKPOINT)
-    return torch.load(path, map_location=device, weights_only=False, mmap=mmap) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    return fl.load_file(path, "a run's checkpoint", "delete it to start that run afresh",
+                        lambda state: isinstance(state, dict) and {"config", "rounds"} <= state.keys(),
+                        map_location=device, weights_only=False, mmap=mmap)
+
+
+# Settings that change nothing a run's rounds compute: where its files are, and how many rounds it runs (the same
+# run with more rounds continues from its checkpoint).
+NOT_COMPARED = ("out", "data_dir", "download", "rounds")
 
 
 def same_run(config, other):
-    """Two configs describe the same run wherever their folder is."""
-    return {**config, "out": None} == {**other, "out": None}
+    """Two configs describe the same run, up to ``NOT_COMPARED``."""
+    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}
+    return strip(config) == strip(other)
 
 
 def previous_run(args):
-    """This same run's checkpoint in ``--out``, on the run's device, to resume from; or None. Another run's
-    results there are refused in one line, or cleared with ``--overwrite``."""
+    """This same run's checkpoint in ``--out``, on the run's device, to resume from (and run on to ``--rounds``);
+    or None. Another run's results there are refused in one line, or cleared with ``--overwrite``; this run with
+    more rounds done than ``--rounds`` is refused."""
     checkpoint = load_checkpoint(args.out, device_of(args))
     found = checkpoint["config"] if checkpoint else results_config(args.out)
     if found is None:
         return None
     if same_run(found, config_of(args)):
+        done = len(checkpoint["rounds"]) if checkpoint else found["rounds"]
+        if done > args.rounds:
+            raise fl.UserError(f"argument --rounds: {args.out} holds {done} rounds of this run already (give "
+                               f"--rounds {done} or more)")
         return checkpoint
     if not args.overwrite:
         changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
-                            for k in sorted(config_of(args)) if k != "out" and found.get(k) != getattr(args, k))
-        sys.stderr.write(f"run.py: error: argument --out: {args.out} holds another run's results ({changed}); "
-                         f"give --overwrite to replace them, or another --out\n")
-        sys.exit(2)
+                            for k in sorted(config_of(args))
+                            if k not in NOT_COMPARED and found.get(k) != getattr(args, k))
+        raise fl.UserError(f"argument --out: {args.out} holds another run's results ({changed}); give --overwrite to "
+                           f"replace them, or another --out")
     for name in OUTPUTS:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
     return None
 
 
-def resumed_args(out):
-    """The settings of the run whose checkpoint is in ``out`` (``--resume``)."""
+def resumed_args(out, rounds):
+    """The settings of the run whose checkpoint is in ``out`` (``--resume``), to ``rounds`` rounds where given."""
+    check_folder("--resume", out)
     checkpoint = load_checkpoint(out, "cpu", mmap=True)  # the config only: the run loads it on its device
     if checkpoint is None:
-        sys.stderr.write(f"run.py: error: argument --resume: {out} holds no {CHECKPOINT}\n")
-        sys.exit(2)
+        raise fl.UserError(f"argument --resume: {out} holds no {CHECKPOINT}")
     if checkpoint["config"]["device"] == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write(f"run.py: error: argument --resume: the run in {out} was started with --device cuda, and "
-                         f"there is no CUDA device here\n")
-        sys.exit(2)
+        raise fl.UserError(f"argument --resume: the run in {out} was started with --device cuda, and there is no "
+                           f"CUDA device here")
     defaults = vars(parse_args(["--resume", out]))  # the flags a config does not record, at their defaults
-    return argparse.Namespace(**{**defaults, **checkpoint["config"], "out": out, "resume": None})
+    config = {**checkpoint["config"], **({} if rounds is None else {"rounds": rounds})}
+    return argparse.Namespace(**{**defaults, **config, "out": out, "resume": None})
 
 
 def results_config(out):
@@ -690,8 +740,8 @@ def save(results, out):
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-    write_atomically(os.path.join(out, "results.json"), dump)
     write_atomically(os.path.join(out, "results.png"), lambda tmp: plot(results, tmp))
+    write_atomically(os.path.join(out, "results.json"), dump)  # last: a folder with results.json holds every output
 
 
 def plot(results, path):
@@ -762,18 +812,60 @@ def format_final(final):
 
 
 def summarize(paths):
-    """One table row per run, then the reconstruction errors of benign vs attacking updates (FedREDefense
-    Table 10: mean +- std over all rounds). A single grid folder (cell folders, no results.json of its own) gets
-    its summary.md and summary.csv (re)written from the cells, e.g. after they ran on several machines."""
-    if len(paths) == 1 and os.path.isdir(paths[0]) and not os.path.exists(os.path.join(paths[0], "results.json")):
-        write_summary(paths[0])
-        with open(os.path.join(paths[0], "summary.md")) as f:
+    """The tables of the finished runs among ``paths`` (``print_runs``), then each grid folder's summary.md,
+    (re)written with summary.csv from its cells (e.g. after they ran on several machines). Anything else is named
+    on stderr and skipped, a ``fl.UserError`` if nothing is left; nothing is written into a run's folder."""
+    runs, grids, skipped = [], [], []
+    for path in paths:
+        if is_grid_folder(path):
+            grids.append(path)
+            continue
+        try:
+            runs.append(finished_run(path))
+        except fl.UserError as e:
+            skipped.append(str(e))
+    if not runs and not grids:
+        raise fl.UserError(f"argument --summarize: nothing finished to summarize ({'; '.join(skipped)})")
+    for reason in skipped:
+        sys.stderr.write(f"run.py: skipped {reason}\n")
+    if runs:
+        print_runs(runs)
+    for root in grids:
+        write_summary(root)
+        with open(os.path.join(root, "summary.md")) as f:
             print(f.read(), end="")
-        return
-    runs = []
-    for p in paths:
-        with open(os.path.join(p, "results.json") if os.path.isdir(p) else p) as f:
-            runs.append(json.load(f))
+
+
+def finished_run(path):
+    """The results.json of the finished run at ``path`` (its folder, or the file); for anything else a
+    ``fl.UserError`` says what ``path`` is."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        unfinished = os.path.exists(os.path.join(path, CHECKPOINT))
+        raise fl.UserError(f"{path} " + ("does not exist" if not os.path.exists(path) else
+                                         "is an unfinished run (rerun its command to finish it)" if unfinished else
+                                         "holds no results.json"))
+    try:
+        with open(file) as f:
+            results = json.load(f)
+        if {"config", "final", "rounds"} <= results.keys():
+            return results
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object
+        pass
+    raise fl.UserError(f"{file} is damaged or not a run's results.json")
+
+
+def is_grid_folder(path):
+    """A grid's folder: no run of its own, and its grid.json or cell folders with results or errors."""
+    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in ("results.json", CHECKPOINT)):
+        return False
+    return os.path.exists(os.path.join(path, "grid.json")) or any(
+        os.path.exists(os.path.join(path, d, f)) for d in os.listdir(path) for f in ("results.json", "error.txt"))
+
+
+def print_runs(runs):
+    """One table row per run, then the reconstruction errors of benign vs attacking updates (FedREDefense
+    Table 10: mean +- std over all rounds)."""
     print("| dataset | defense | attack | pattern | threat model | scale | TACC | ASR | DACC | FPR | FNR | AAR | ADACC "
           "| MR | MR=0 rounds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -803,7 +895,7 @@ def summarize(paths):
 # -----------------------------------------------------------------------------------------------------------------
 
 GRID_FLAGS = ("--table", "--jobs", "--print-commands")  # the grid's own flags, never passed to a cell
-SWITCHES = ("--download", "--save-replay", "--print-commands")  # flags that take no value
+SWITCHES = ("--download", "--save-replay", "--overwrite", "--print-commands")  # flags that take no value
 # What a summary cell shows, per layout: FedREDefense Table 2 (TACC, /ASR), FedDefuse Tables 1 and 3
 # (TACC / DACC / MR, /ASR; DACC is the per-round ADACC), FedREDefense Table 1 (DACC / FPR / FNR, AAR).
 LAYOUTS = {"tacc": ("tacc",), "feddefuse": ("tacc", "adacc", "mr"), "detection": ("dacc", "fpr", "fnr", "aar")}
@@ -881,31 +973,38 @@ def config_of(args):
 
 
 def parse_cell(argv):
-    """(config, None) for a valid cell, (None, the one-line error) for an invalid one."""
-    stderr = io.StringIO()
+    """(config, None) for a valid cell, (None, its one-line error) for an invalid one."""
     try:
-        with contextlib.redirect_stderr(stderr):
-            return config_of(parse_args(argv)), None
-    except SystemExit:
-        return None, stderr.getvalue().strip()
+        return config_of(parse_args(argv)), None
+    except fl.UserError as e:
+        return None, str(e)
 
 
 def is_complete(out, config):
-    """A cell is done when its results.json (written atomically, at the end of a run) holds this config."""
-    return results_config(out) == config
+    """A cell is done when its results.json (written last, atomically) holds this run to this config's rounds, and
+    the other files it promises are there."""
+    found = results_config(out)
+    promised = ["results.png"] + (["replay.pt"] if config["save_replay"] and config["defense"] == "feddefuse" else [])
+    return (found is not None and same_run(found, config) and found["rounds"] == config["rounds"] and
+            all(os.path.exists(os.path.join(out, name)) for name in promised))
 
 
-def run_cell(argv, out, env):
-    """One cell as its own ``python run.py`` process, output to ``out/log.txt``; returns its error or None."""
+def start_cell(argv, out, env):
+    """One cell as its own ``python run.py`` process, its output in ``out/log.txt`` (its last error cleared)."""
     os.makedirs(out, exist_ok=True)
+    record_error(out, None)
     with open(os.path.join(out, "log.txt"), "w") as log:
-        code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], stdout=log,
-                              stderr=subprocess.STDOUT, env=env).returncode
-    if code == 0:
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def cell_error(process, out):
+    """A finished cell's error, its exit code and the last line of its log; None if it succeeded."""
+    if process.returncode == 0:
         return None
     with open(os.path.join(out, "log.txt")) as log:
         lines = [line.strip() for line in log if line.strip()]
-    return f"exit code {code}: {lines[-1] if lines else 'no output'}"
+    return f"exit code {process.returncode}: {lines[-1] if lines else 'no output'}"
 
 
 def record_error(out, error):
@@ -921,7 +1020,8 @@ def record_error(out, error):
 
 def run_grid(argv):
     """Expand comma-separated values (and ``--table``) into cells, run the missing ones ``--jobs`` at a time, and
-    write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed."""
+    write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed. Ctrl-C stops the
+    running cells (they keep their checkpoints) and starts no other, then writes the summary of the cells done."""
     axes, options = split_grid_argv(argv)
     table = options.get("--table")
     if table == "list":
@@ -935,32 +1035,33 @@ def run_grid(argv):
         dataset, scale = dict(axes).get("--dataset", ["digits"]), dict(axes).get("--scale", ["laptop"])
         preset = paper_table(table, dataset[0], scale[0]) if len(dataset) == len(scale) == 1 else None
         if preset is None:
-            sys.stderr.write(f"run.py: error: argument --table: must be list, fedredefense-1, fedredefense-2, "
-                             f"feddefuse-1 or feddefuse-2, on one --dataset and --scale (got {table})\n")
-            sys.exit(2)
+            raise fl.UserError(f"argument --table: must be list, fedredefense-1, fedredefense-2, feddefuse-1 or "
+                               f"feddefuse-2, on one --dataset and --scale (got {table})")
         title, layout, flags = preset
         axes = list({**flags, **dict(axes)}.items())  # the user's flags override the table's
     else:
         title, layout = "grid", None
     jobs = options.get("--jobs") or str(os.cpu_count() or 1)
     if not jobs.isdigit() or int(jobs) < 1:
-        sys.stderr.write(f"run.py: error: argument --jobs: must be an integer >= 1 (got {jobs})\n")
-        sys.exit(2)
+        raise fl.UserError(f"argument --jobs: must be an integer >= 1 (got {jobs})")
     jobs = int(jobs)
     root = options.get("--out") or os.path.join("runs", table or "grid")
+    check_folder("--out", root)
     cells = grid_cells(axes, root)
+    pending, invalid = [], {}
+    for name, cell_argv in cells:
+        config, error = parse_cell(cell_argv)
+        if error is not None:
+            invalid[name] = error
+        elif not is_complete(os.path.join(root, name), config):
+            pending.append((name, cell_argv))
+    if len(invalid) == len(cells):  # not one cell can run: the command itself is wrong
+        raise fl.UserError(next(iter(invalid.values())))
+    failed = {name: f"run.py: error: {error}" for name, error in invalid.items()}
     os.makedirs(root, exist_ok=True)
     grid = {"title": title, "layout": layout, "command": shlex.join(["python", "run.py", *argv]),
             "cells": {name: cell_argv for name, cell_argv in cells}}
     write_text(os.path.join(root, "grid.json"), json.dumps(grid, indent=1))
-
-    pending, failed = [], {}
-    for name, cell_argv in cells:
-        config, error = parse_cell(cell_argv)
-        if error is not None:
-            failed[name] = error
-        elif not is_complete(os.path.join(root, name), config):
-            pending.append((name, cell_argv))
     for name, error in failed.items():
         record_error(os.path.join(root, name), error)
     if options.get("--print-commands"):
@@ -975,27 +1076,37 @@ def run_grid(argv):
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     print(f"{len(cells)} cells: {len(cells) - len(pending) - len(failed)} already done, {len(failed)} invalid, "
           f"{len(pending)} to run with {jobs} worker(s) under {root}", flush=True)
-    start, done = time.time(), 0
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_cell, cell_argv, os.path.join(root, name), env): name
-                   for name, cell_argv in pending}
-        for future in concurrent.futures.as_completed(futures):
-            name, error, done = futures[future], future.result(), done + 1
-            record_error(os.path.join(root, name), error)
-            if error is not None:
-                failed[name] = error
-            eta = (time.time() - start) / done * (len(pending) - done) / 60
-            outcome = f"FAILED, {error}" if error else format_final(load_results(os.path.join(root, name))["final"])
-            print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
+    start, waiting, running, done = time.time(), list(pending), {}, 0
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                name, cell_argv = waiting.pop(0)
+                running[name] = start_cell(cell_argv, os.path.join(root, name), env)
+            time.sleep(0.1)
+            for name in [name for name, process in running.items() if process.poll() is not None]:
+                out, done = os.path.join(root, name), done + 1
+                error = cell_error(running.pop(name), out)
+                if error is not None:
+                    record_error(out, error)
+                    failed[name] = error
+                eta = (time.time() - start) / done * (len(pending) - done) / 60
+                outcome = f"FAILED, {error}" if error else format_final(finished_run(out)["final"])
+                print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
+    except KeyboardInterrupt:
+        for process in running.values():  # a terminal's Ctrl-C reached the cells too; else they get one now
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
+                process.wait()
+        write_summary(root)
+        raise fl.Interrupted(f"interrupted after {done} of the {len(pending)} cells to run: {len(running)} stopped, "
+                             f"{len(waiting)} not started; wrote {os.path.join(root, 'summary.md')}; rerun the same "
+                             f"command to run the rest") from None
     write_summary(root)
     print(f"wrote {os.path.join(root, 'summary.md')} and summary.csv" +
           (f"; {len(failed)} cell(s) failed" if failed else ""))
     return 1 if failed else 0
-
-
-def load_results(out):
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
 
 
 def mean_std(values, percent=True):
@@ -1025,7 +1136,10 @@ def read_grid(root):
             with open(os.path.join(out, "error.txt")) as f:
                 errors[name] = f.read().strip()
         elif os.path.exists(os.path.join(out, "results.json")):
-            runs[name] = load_results(out)
+            try:
+                runs[name] = finished_run(out)
+            except fl.UserError as e:
+                errors[name] = str(e)
     return grid, runs, errors
 
 
@@ -1075,7 +1189,7 @@ def write_summary(root):
               f"Scale: {'; '.join(sorted({scale_of(c) for c in configs}))}. "
               f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
               f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
-              f"mean ± std over seeds where there are several.", ""]
+              f"mean ± std over seeds where there are several." if configs else "No cell has finished yet.", ""]
     key = lambda c: tuple(json.dumps(c.get(k)) for k in groups)
     for group in sorted({key(c) for c in configs}):
         if groups:
@@ -1099,30 +1213,35 @@ def write_summary(root):
 
 
 def is_grid(argv):
-    """A grid run: --table, --jobs or --print-commands, or a comma-separated value of any flag."""
+    """A grid run: --table, or a comma-separated value of any flag (--summarize's paths aside)."""
     if "--summarize" in argv:
         return False
     axes, options = split_grid_argv(argv)
-    return bool(set(options) - {"--out"}) or any(len(values) > 1 for _, values in axes)
+    return "--table" in options or any(len(values) > 1 for _, values in axes)
 
 
 def main(argv=None):
+    """The command line (see the top of this file). What the user can get wrong or interrupt ends in one line
+    (``fl.command_line``); Ctrl-C during a run says where its checkpoint stands."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if is_grid(argv):
-        return run_grid(argv)
-    args = parse_args(argv)
-    if args.summarize:
-        return summarize(args.summarize)
-    if args.resume:
-        args = resumed_args(args.resume)
-    try:
-        results = run(args, previous_run(args))
-    except data.DataError as e:
-        sys.stderr.write(f"run.py: error: {e}\n")
-        sys.exit(2)
-    save(results, args.out)
-    print(format_final(results["final"]))
-    print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
+    with fl.command_line("run.py"):
+        if is_grid(argv):
+            return run_grid(argv)
+        args = parse_args(argv)
+        if args.summarize:
+            return summarize(args.summarize)
+        if args.resume:
+            args = resumed_args(args.resume, args.rounds)
+        checkpoint = previous_run(args)
+        try:
+            results = run(args, checkpoint)
+            save(results, args.out)
+        except KeyboardInterrupt:
+            saved = load_checkpoint(args.out, "cpu", mmap=True)
+            raise fl.Interrupted(f"interrupted after round {len(saved['rounds']) if saved else 0} of {args.rounds}; "
+                                 f"rerun the same command to resume") from None
+        print(format_final(results["final"]))
+        print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
 
 
 if __name__ == "__main__":

@@ -118,16 +118,6 @@ def test_every_paper_table_expands_into_valid_cells(table, cells, tmp_path):
     assert all(run.parse_cell(argv)[1] is None for _, argv in expanded)
 
 
-@pytest.mark.parametrize("argv, flag", [(["--table", "fedredefense-9"], "--table"),
-                                        (["--seed", "0,1", "--jobs", "0"], "--jobs")])
-def test_bad_grid_flags_get_one_line_and_exit_code_2(argv, flag, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run.main(argv + ["--out", str(tmp_path / "grid")])
-    error = capsys.readouterr().err
-    assert exit_.value.code == 2 and error.count("\n") == 1
-    assert error.startswith(f"run.py: error: argument {flag}:")
-
-
 def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
     """--table fedredefense-2 runs Norm bound with FedREDefense's M, the mean norm of the truly benign updates: its
     summary row says so, and a Norm bound row with a median or fixed M does not."""

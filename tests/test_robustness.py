@@ -217,6 +217,24 @@ def test_an_out_folder_of_another_run_is_refused_unless_overwrite(tmp_path, caps
     assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
 
 
+def test_more_rounds_continue_a_finished_run_and_fewer_are_refused(monkeypatch, tmp_path, capsys):
+    """``--resume DIR --rounds 3`` after 2 finished rounds, and the same command with --rounds 4 after that,
+    continue from the checkpoint and write what a run through 4 rounds writes; --rounds 3 then is refused."""
+    monkeypatch.setattr(run, "plot", lambda results, path: open(path, "wb").close())
+    argv = TINY + ["--defense", "flame", "--attack", "lie", "--participants", "4"]  # seeded, and sampled
+    run.main(argv + ["--rounds", "4", "--out", str(tmp_path / "whole")])
+    extended = str(tmp_path / "extended")
+    run.main(argv + ["--rounds", "2", "--out", extended])
+    run.main(["--resume", extended, "--rounds", "3"])
+    run.main(argv + ["--rounds", "4", "--out", extended])
+    assert f"resuming {extended} after round 3" in capsys.readouterr().out
+    assert results_of(tmp_path / "extended") == {**results_of(tmp_path / "whole"),
+                                                 "config": results_of(tmp_path / "extended")["config"]}
+    with pytest.raises(SystemExit) as exit_:
+        run.main(argv + ["--rounds", "3", "--out", extended])
+    assert exit_.value.code == 2 and "holds 4 rounds of this run already" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="resuming a --device cuda run works here")
 def test_resuming_a_cuda_run_without_cuda_is_refused_in_one_line(tmp_path, capsys):
     out = tmp_path / "run"
