@@ -85,6 +85,7 @@ SCALE = {  # (clients, rounds, participants a round; None: every client)
 PAPER_CLIENTS = 100  # the paper's client size is 1/100 of the training set
 # Training images of each dataset (the official training sets; digits' 75% split).
 TRAIN_SIZE = {"digits": 1347, "mnist": 60000, "fmnist": 60000, "cifar10": 50000, "cinic10": 90000}
+CLASSES = 10  # of every dataset here
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
 BACKDOOR_TARGET = 0     # App. A.2
 CHECKPOINT = "checkpoint.pt"
@@ -209,14 +210,16 @@ def parse_args(argv=None):
     if args.participants is None:
         args.participants = (min(participants, args.clients) if participants and args.participation == 1 else
                              max(1, int(args.participation * args.clients + 1e-9)))
+    n_train = TRAIN_SIZE[args.dataset]
     checks = [
-        (2 <= args.clients <= (args.train_size or TRAIN_SIZE[args.dataset]), "--clients",
-         f"an integer in [2, {args.train_size or TRAIN_SIZE[args.dataset]}] (the training images)", args.clients),
+        (2 <= args.clients <= (args.train_size or n_train), "--clients",
+         f"an integer in [2, {args.train_size or n_train}] (the training images)", args.clients),
         (0 <= args.malicious < args.clients, "--malicious", f"an integer in [0, {args.clients - 1}]",
          args.malicious),
         (args.rounds >= 1, "--rounds", "an integer >= 1", args.rounds),
-        (args.train_size is None or 1 <= args.train_size <= TRAIN_SIZE[args.dataset], "--train-size",
-         f"an integer in [1, {TRAIN_SIZE[args.dataset]}]", args.train_size),
+        (args.train_size in (None, n_train) or CLASSES <= args.train_size <= n_train - CLASSES, "--train-size",
+         f"an integer in [{CLASSES}, {n_train - CLASSES}] (a stratified subset takes, and leaves, one image of each "
+         f"class at least) or {n_train}", args.train_size),
         (args.root_size >= 1, "--root-size", "an integer >= 1", args.root_size),
         (0 <= args.assumed_malicious < args.clients, "--assumed-malicious", f"an integer in [0, {args.clients - 1}]",
          args.assumed_malicious),

@@ -69,6 +69,7 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("--norm-bound mean", "--norm-bound"), ("--norm-bound -1", "--norm-bound"), ("--norm-bound inf", "--norm-bound"),
     ("--aggregate median", "--aggregate"), ("--root-size 0", "--root-size"), ("--rounds 0", "--rounds"),
     ("--rounds two", "--rounds"), ("--train-size 0", "--train-size"), ("--train-size 2000", "--train-size"),
+    ("--train-size 9 --clients 2", "--train-size"), ("--train-size 1340", "--train-size"),
     ("--beta 0", "--beta"), ("--beta -1", "--beta"), ("--beta nan", "--beta"),
     ("--participation 1.5", "--participation"), ("--participation 0", "--participation"),
     ("--participation 0.5 --participants 10", "--participation"), ("--participants 0", "--participants"),
