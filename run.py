@@ -18,14 +18,9 @@ One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, s
 """
 import argparse
 import copy
-import csv
-import itertools
 import json
 import math
 import os
-import shlex
-import signal
-import subprocess
 import sys
 import time
 
@@ -55,6 +50,7 @@ import data
 import fedredefense
 import feddefuse
 import fl
+import grid
 
 DEFENSES = ("fedavg", "oracle") + baselines.ROBUST + baselines.DETECTION + ("fedredefense", "feddefuse")
 PATTERNS = ("I", "II", "III")
@@ -172,12 +168,12 @@ def parse_args(argv=None):
     p.add_argument("--summarize", nargs="+", metavar="RUN",
                    help="print the tables of earlier runs (folders or results.json files) and exit; a grid's folder: "
                         "(re)write its summary.md and summary.csv")
-    grid = p.add_argument_group("grids", "any flag given comma-separated values (--seed 0,1,2) runs every "
+    grids = p.add_argument_group("grids", "any flag given comma-separated values (--seed 0,1,2) runs every "
                                          "combination, each cell in its own process under --out")
-    grid.add_argument("--table", help="a paper table's defenses x attacks: fedredefense-1, fedredefense-2, "
+    grids.add_argument("--table", help="a paper table's defenses x attacks: fedredefense-1, fedredefense-2, "
                                       "feddefuse-1, feddefuse-2; list prints them")
-    grid.add_argument("--jobs", help="cells run at once (default: the number of cores)")
-    grid.add_argument("--print-commands", action="store_true",
+    grids.add_argument("--jobs", help="cells run at once (default: the number of cores)")
+    grids.add_argument("--print-commands", action="store_true",
                       help="print one self-contained command per cell still to run, and exit")
     args = p.parse_args(argv)
     defaults = vars(p.parse_args([]))
@@ -743,64 +739,14 @@ def save(results, out):
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-    write_atomically(os.path.join(out, "results.png"), lambda tmp: plot(results, tmp))
+    write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
     write_atomically(os.path.join(out, "results.json"), dump)  # last: a folder with results.json holds every output
 
 
-def plot(results, path):
-    """results.png, per round: TACC (and ASR); each update's reconstruction error e with FedREDefense's threshold
-    gamma, or FedDefuse's recoverability R; DACC over the participants (its mean is ADACC); MR (its mean is MR).
-    A panel whose metric the defense does not compute says n/a and why. Returns the figure."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    rounds, c = results["rounds"], results["config"]
-    t = [r["round"] for r in rounds]
-    series = lambda key: [float("nan") if r[key] is None else 100 * r[key] for r in rounds]
-
-    def n_a(ax, why):  # no data: say so, with no scale to read
-        ax.text(0.5, 0.5, f"n/a: {why}", transform=ax.transAxes, ha="center", va="center")
-        ax.set_yticks([])
-
-    fig = Figure(figsize=(11, 7), layout="tight")
-    (acc, err), (dacc, mr) = axes = fig.subplots(2, 2)
-    acc.plot(t, series("tacc"), label="TACC")
-    if rounds[0]["asr"] is not None:
-        acc.plot(t, series("asr"), label="ASR")
-    acc.set(title="Global model", ylabel="%")
-    acc.legend()
-
-    err.set(**({"title": "Recoverability R per update", "ylabel": "R"} if c["defense"] == "feddefuse"
-               else {"title": "Reconstruction error e per update", "ylabel": "e"}))
-    for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
-        pts = [(r["round"], e) for r in rounds for k, e in (r["errors"] or {}).items()
-               if (int(k) in r["attacking"]) == attacking]
-        if pts:
-            err.scatter(*zip(*pts), s=8, color=color, alpha=0.6, label=label)
-    if c["defense"] == "fedredefense":  # it flags e > gamma
-        gamma = fedredefense.HYPER[c["dataset"]].gamma
-        err.axhline(gamma, color="black", linestyle="--", label=f"γ = {gamma:g}")
-    if err.has_data():
-        err.set_yscale("log")
-        err.legend()
-    else:
-        n_a(err, f"{c['defense']} reconstructs no updates")
-
-    for ax, key, title, color in ((dacc, "dacc", "Per-round DACC (mean = ADACC)", "tab:blue"),
-                                  (mr, "mr", "Per-round MR (mean = MR)", "tab:red")):
-        ax.set(title=title, ylabel="%")
-        if any(r[key] is not None for r in rounds):
-            ax.plot(t, series(key), color=color)
-        else:
-            n_a(ax, f"{c['defense']} does not label clients")
-    for ax in axes.flat:
-        ax.set(xlabel="round", xlim=(0.5, len(rounds) + 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax is not err:
-            ax.set_ylim(-5, 105)  # a line at 0 or 100 stays off the frame
-    fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")
-    fig.savefig(path, format="png", dpi=100)
-    return fig
+def config_of(args):
+    """The run's settings as results.json records them (the grid compares them to decide what is done)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
 
 
 def pct(v):
@@ -814,425 +760,16 @@ def format_final(final):
             f"MR {pct(final['mr'])}")
 
 
-def summarize(paths):
-    """The tables of the finished runs among ``paths`` (``print_runs``), then each grid folder's summary.md,
-    (re)written with summary.csv from its cells (e.g. after they ran on several machines). Anything else is named
-    on stderr and skipped, a ``fl.UserError`` if nothing is left; nothing is written into a run's folder."""
-    runs, grids, skipped = [], [], []
-    for path in paths:
-        if is_grid_folder(path):
-            grids.append(path)
-            continue
-        try:
-            runs.append(finished_run(path))
-        except fl.UserError as e:
-            skipped.append(str(e))
-    if not runs and not grids:
-        raise fl.UserError(f"argument --summarize: nothing finished to summarize ({'; '.join(skipped)})")
-    for reason in skipped:
-        sys.stderr.write(f"run.py: skipped {reason}\n")
-    if runs:
-        print_runs(runs)
-    for root in grids:
-        write_summary(root)
-        with open(os.path.join(root, "summary.md")) as f:
-            print(f.read(), end="")
-
-
-def finished_run(path):
-    """The results.json of the finished run at ``path`` (its folder, or the file); for anything else a
-    ``fl.UserError`` says what ``path`` is."""
-    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        unfinished = os.path.exists(os.path.join(path, CHECKPOINT))
-        raise fl.UserError(f"{path} " + ("does not exist" if not os.path.exists(path) else
-                                         "is an unfinished run (rerun its command to finish it)" if unfinished else
-                                         "holds no results.json"))
-    try:
-        with open(file) as f:
-            results = json.load(f)
-        if {"config", "final", "rounds"} <= results.keys():
-            return results
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object
-        pass
-    raise fl.UserError(f"{file} is damaged or not a run's results.json")
-
-
-def is_grid_folder(path):
-    """A grid's folder: no run of its own, and its grid.json or cell folders with results or errors."""
-    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in ("results.json", CHECKPOINT)):
-        return False
-    return os.path.exists(os.path.join(path, "grid.json")) or any(
-        os.path.exists(os.path.join(path, d, f)) for d in os.listdir(path) for f in ("results.json", "error.txt"))
-
-
-def print_runs(runs):
-    """One table row per run, then the reconstruction errors of benign vs attacking updates (FedREDefense
-    Table 10: mean +- std over all rounds)."""
-    print("| dataset | defense | attack | pattern | threat model | scale | TACC | ASR | DACC | FPR | FNR | AAR | ADACC "
-          "| MR | MR=0 rounds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in runs:
-        c, f = r["config"], r["final"]
-        aar = "-" if f["aar"] is None else f"{f['aar']:.2f}"
-        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {threat_model(c)} | "
-              f"{scale_of(c)} | {pct(f['tacc'])} | "
-              f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | {aar} | "
-              f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
-    with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
-    if not with_errors:
-        return
-    print("\n| run | benign error | attacking error |\n|---|---|---|")
-    for r in with_errors:
-        split = {False: [], True: []}
-        for x in r["rounds"]:
-            for c, e in (x["errors"] or {}).items():
-                split[int(c) in x["attacking"]].append(e)
-        stat = lambda v: f"{np.mean(v):.2f} ± {np.std(v):.2f} (n={len(v)})" if v else "-"
-        c = r["config"]
-        print(f"| {c['defense']} vs {c['attack']} ({c['dataset']}) | {stat(split[False])} | {stat(split[True])} |")
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Grids: a whole table in one command, each cell one `python run.py` in its own process
-# -----------------------------------------------------------------------------------------------------------------
-
-GRID_FLAGS = ("--table", "--jobs", "--print-commands")  # the grid's own flags, never passed to a cell
-SWITCHES = ("--download", "--save-replay", "--overwrite", "--print-commands")  # flags that take no value
-# What a summary cell shows, per layout: FedREDefense Table 2 (TACC, /ASR), FedDefuse Tables 1 and 3
-# (TACC / DACC / MR, /ASR; DACC is the per-round ADACC), FedREDefense Table 1 (DACC / FPR / FNR, AAR).
-LAYOUTS = {"tacc": ("tacc",), "feddefuse": ("tacc", "adacc", "mr"), "detection": ("dacc", "fpr", "fnr", "aar")}
-LABELS = {"tacc": "TACC", "adacc": "DACC", "mr": "MR", "dacc": "DACC", "fpr": "FPR", "fnr": "FNR", "aar": "AAR"}
-
-
-def paper_table(name, dataset, scale="laptop"):
-    """``--table NAME``: (title, layout, {flag: [values]}), the paper table's defenses x attacks with its settings,
-    scaled to ``dataset`` and ``scale``. At paper scale FedDefuse samples 20 of 100 clients a round and pattern II
-    attacks the first 50 of 500 rounds. On digits (25 clients, 40 rounds) and at laptop scale (20 clients under
-    FedDefuse's protocol, 50 rounds) it samples 10 a round, which keeps its attacking share (A = 6 of 10: 3-6
-    attackers, 45% on average, of the 6-7 malicious clients there are; 20 participants would hold all of them, 30%),
-    and pattern II attacks the first 10 rounds (as README's FedDefuse tables)."""
-    small = dataset == "digits" or scale == "laptop"
-    feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if small else "20"],
-                 "--max-malicious-share": ["0.6"]}
-    fedredefense_attacks = ["none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba"]
-    feddefuse_attacks = ["gaussian", "signflip", "fang", "scaling"]
-    tables = {
-        "fedredefense-1": ("FedREDefense Table 1: DACC / FPR / FNR and AAR of the defenses that label clients",
-                           "detection", {"--protocol": ["fedredefense"], "--defense": ["fldetector", "fedredefense"],
-                                         "--attack": fedredefense_attacks[1:]}),
-        "fedredefense-2": ("FedREDefense Table 2: TACC (/ASR) of every defense it compares (LIE added)", "tacc",
-                           {"--protocol": ["fedredefense"], "--norm-bound": ["oracle"], "--root-size": ["500"],
-                            "--defense": ["fedavg", "krum", "median", "trmean", "normbound", "flame", "fltrust",
-                                          "fldetector", "flcert", "fedredefense"],
-                            "--attack": fedredefense_attacks}),
-        "feddefuse-1": ("FedDefuse Tables 1 and 3: TACC / DACC / MR (/ASR), pattern I", "feddefuse",
-                        {**feddefuse, "--defense": ["fedavg", "rfa", "krum", "median", "auror", "foolsgold",
-                                                    "feddmc", "fedcpa", "freqfed", "feddefuse"],
-                         "--attack": feddefuse_attacks}),
-        "feddefuse-2": ("FedDefuse Table 2: TACC (/ASR) under attack patterns II and III", "tacc",
-                        {**feddefuse, "--pattern": ["II", "III"], "--attack-rounds": ["10" if small else "50"],
-                         "--defense": ["fedavg", "oracle", "fedredefense", "feddefuse"],
-                         "--attack": feddefuse_attacks}),
-    }
-    return tables.get(name)
-
-
-def split_grid_argv(argv):
-    """``argv`` as ([(flag, [values])], options): a value "a,b,c" is an axis of three values, a switch has the
-    single value None; the grid's own flags and ``--out`` go to ``options``."""
-    axes, options, i = [], {}, 0
-    while i < len(argv):
-        flag, value = argv[i], None
-        if "=" in flag:
-            flag, value = flag.split("=", 1)
-        elif flag not in SWITCHES and i + 1 < len(argv):
-            i += 1
-            value = argv[i]
-        i += 1
-        if flag in GRID_FLAGS + ("--out",):
-            options[flag] = True if flag == "--print-commands" else value
-        else:
-            axes.append((flag, [None] if value is None else value.split(",")))
-    return axes, options
-
-
-def grid_cells(axes, root):
-    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary."""
-    cells = []
-    for combo in itertools.product(*(values for _, values in axes)):
-        varying = [f"{flag[2:]}-{value}" for (flag, values), value in zip(axes, combo) if len(values) > 1]
-        name = "_".join(varying) or "cell"
-        argv = [token for (flag, _), value in zip(axes, combo) for token in ([flag] if value is None else
-                                                                           [flag, value])]
-        cells.append((name, argv + ["--out", os.path.join(root, name)]))
-    return cells
-
-
-def config_of(args):
-    """The run's settings as results.json records them (the grid compares them to decide what is done)."""
-    return {k: v for k, v in vars(args).items()
-            if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
-
-
-def parse_cell(argv):
-    """(config, None) for a valid cell, (None, its one-line error) for an invalid one."""
-    try:
-        return config_of(parse_args(argv)), None
-    except fl.UserError as e:
-        return None, str(e)
-
-
-def is_complete(out, config):
-    """A cell is done when its results.json (written last, atomically) holds this run to this config's rounds, and
-    the other files it promises are there."""
-    found = results_config(out)
-    promised = ["results.png"] + (["replay.pt"] if config["save_replay"] and config["defense"] == "feddefuse" else [])
-    return (found is not None and same_run(found, config) and found["rounds"] == config["rounds"] and
-            all(os.path.exists(os.path.join(out, name)) for name in promised))
-
-
-def start_cell(argv, out, env):
-    """One cell as its own ``python run.py`` process, its output in ``out/log.txt`` (its last error cleared)."""
-    os.makedirs(out, exist_ok=True)
-    record_error(out, None)
-    with open(os.path.join(out, "log.txt"), "w") as log:
-        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-
-
-def cell_error(process, out):
-    """A finished cell's error, its exit code and the last line of its log; None if it succeeded."""
-    if process.returncode == 0:
-        return None
-    with open(os.path.join(out, "log.txt")) as log:
-        lines = [line.strip() for line in log if line.strip()]
-    return f"exit code {process.returncode}: {lines[-1] if lines else 'no output'}"
-
-
-def record_error(out, error):
-    """Write (or, for ``None``, clear) a cell's error.txt, which the summary reads."""
-    path = os.path.join(out, "error.txt")
-    if error is None:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    os.makedirs(out, exist_ok=True)
-    write_text(path, error + "\n")
-
-
-def run_grid(argv):
-    """Expand comma-separated values (and ``--table``) into cells, run the missing ones ``--jobs`` at a time, and
-    write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed. Ctrl-C stops the
-    running cells (they keep their checkpoints) and starts no other, then writes the summary of the cells done."""
-    axes, options = split_grid_argv(argv)
-    table = options.get("--table")
-    if table == "list":
-        for name in ("fedredefense-1", "fedredefense-2", "feddefuse-1", "feddefuse-2"):
-            title, _, flags = paper_table(name, "digits")
-            print(f"{name:15} {math.prod(len(v) for v in flags.values()):3} cells  {title}")
-        print("(feddefuse-1 on --dataset fmnist is FedDefuse Table 3; every table takes any other flag, e.g. "
-              "--seed 0,1,2)")
-        return 0
-    if table is not None:
-        dataset, scale = dict(axes).get("--dataset", ["digits"]), dict(axes).get("--scale", ["laptop"])
-        preset = paper_table(table, dataset[0], scale[0]) if len(dataset) == len(scale) == 1 else None
-        if preset is None:
-            raise fl.UserError(f"argument --table: must be list, fedredefense-1, fedredefense-2, feddefuse-1 or "
-                               f"feddefuse-2, on one --dataset and --scale (got {table})")
-        title, layout, flags = preset
-        axes = list({**flags, **dict(axes)}.items())  # the user's flags override the table's
-    else:
-        title, layout = "grid", None
-    jobs = options.get("--jobs") or str(os.cpu_count() or 1)
-    if not jobs.isdigit() or int(jobs) < 1:
-        raise fl.UserError(f"argument --jobs: must be an integer >= 1 (got {jobs})")
-    jobs = int(jobs)
-    root = options.get("--out") or os.path.join("runs", table or "grid")
-    check_folder("--out", root)
-    cells = grid_cells(axes, root)
-    pending, invalid = [], {}
-    for name, cell_argv in cells:
-        config, error = parse_cell(cell_argv)
-        if error is not None:
-            invalid[name] = error
-        elif not is_complete(os.path.join(root, name), config):
-            pending.append((name, cell_argv))
-    if len(invalid) == len(cells):  # not one cell can run: the command itself is wrong
-        raise fl.UserError(next(iter(invalid.values())))
-    failed = {name: f"run.py: error: {error}" for name, error in invalid.items()}
-    os.makedirs(root, exist_ok=True)
-    grid = {"title": title, "layout": layout, "command": shlex.join(["python", "run.py", *argv]),
-            "cells": {name: cell_argv for name, cell_argv in cells}}
-    write_text(os.path.join(root, "grid.json"), json.dumps(grid, indent=1))
-    for name, error in failed.items():
-        record_error(os.path.join(root, name), error)
-    if options.get("--print-commands"):
-        for _, cell_argv in pending:
-            print(shlex.join(["python", "run.py", *cell_argv]))
-        return 0
-
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env and jobs > 1:  # one core's share each; README: results depend on it
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    if jobs > 1:  # the cells share the cores (SHARED_CORES)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    print(f"{len(cells)} cells: {len(cells) - len(pending) - len(failed)} already done, {len(failed)} invalid, "
-          f"{len(pending)} to run with {jobs} worker(s) under {root}", flush=True)
-    start, waiting, running, done = time.time(), list(pending), {}, 0
-    try:
-        while waiting or running:
-            while waiting and len(running) < jobs:
-                name, cell_argv = waiting.pop(0)
-                running[name] = start_cell(cell_argv, os.path.join(root, name), env)
-            time.sleep(0.1)
-            for name in [name for name, process in running.items() if process.poll() is not None]:
-                out, done = os.path.join(root, name), done + 1
-                error = cell_error(running.pop(name), out)
-                if error is not None:
-                    record_error(out, error)
-                    failed[name] = error
-                eta = (time.time() - start) / done * (len(pending) - done) / 60
-                outcome = f"FAILED, {error}" if error else format_final(finished_run(out)["final"])
-                print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
-    except KeyboardInterrupt:
-        for process in running.values():  # a terminal's Ctrl-C reached the cells too; else they get one now
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGINT)
-                process.wait()
-        write_summary(root)
-        raise fl.Interrupted(f"interrupted after {done} of the {len(pending)} cells to run: {len(running)} stopped, "
-                             f"{len(waiting)} not started; wrote {os.path.join(root, 'summary.md')}; rerun the same "
-                             f"command to run the rest") from None
-    write_summary(root)
-    print(f"wrote {os.path.join(root, 'summary.md')} and summary.csv" +
-          (f"; {len(failed)} cell(s) failed" if failed else ""))
-    return 1 if failed else 0
-
-
-def mean_std(values, percent=True):
-    """"72.2" for one value, "72.2 ± 0.3" (sample std) over several seeds, "-" where undefined."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    scale = 100 if percent else 1
-    text = f"{scale * np.mean(values):.1f}"
-    return text + (f" ± {scale * np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
-
-
-def read_grid(root):
-    """A grid folder's layout (grid.json, if the grid wrote one) and its cells: {name: results} of the finished
-    ones and {name: error} of the failed ones, in the grid's own order (its tables list values as given)."""
-    grid = {"title": "grid", "layout": None}
-    if os.path.exists(os.path.join(root, "grid.json")):
-        with open(os.path.join(root, "grid.json")) as f:
-            grid = json.load(f)
-    order = list(grid.get("cells", {}))
-    folders = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))),
-                     key=lambda d: (order.index(d), "") if d in order else (len(order), d))
-    runs, errors = {}, {}
-    for name in folders:
-        out = os.path.join(root, name)
-        if os.path.exists(os.path.join(out, "error.txt")):
-            with open(os.path.join(out, "error.txt")) as f:
-                errors[name] = f.read().strip()
-        elif os.path.exists(os.path.join(out, "results.json")):
-            try:
-                runs[name] = finished_run(out)
-            except fl.UserError as e:
-                errors[name] = str(e)
-    return grid, runs, errors
-
-
-def summary_cell(finals, metrics, layout):
-    """One table cell: each metric's mean (± std over seeds), then the ASR in brackets where there is one."""
-    cell = " / ".join(mean_std([f[m] for f in finals], percent=m != "aar") for m in metrics)
-    if finals[0]["asr"] is not None and layout != "detection":
-        cell += f" ({mean_std([f['asr'] for f in finals])})"
-    return cell
-
-
-def summary_table(runs, metrics, layout):
-    """Rows defenses, columns attacks, and the worst case: the lowest mean of the first metric over the attacks."""
-    defenses = list(dict.fromkeys(r["config"]["defense"] for r in runs))
-    attacks_ = list(dict.fromkeys(r["config"]["attack"] for r in runs))
-    lines = ["| defense | " + " | ".join(attacks_) + " | worst case |", "|---" * (len(attacks_) + 2) + "|"]
-    for d in defenses:
-        row, worst = [], []
-        for a in attacks_:
-            finals = [r["final"] for r in runs if (r["config"]["defense"], r["config"]["attack"]) == (d, a)]
-            row.append(summary_cell(finals, metrics, layout) if finals else "")
-            values = [f[metrics[0]] for f in finals if f[metrics[0]] is not None]
-            if a != "none" and values:
-                worst.append((np.mean(values), a))
-        row.append(f"{100 * min(worst)[0]:.1f} ({min(worst)[1]})" if worst else "-")
-        oracle = d == "normbound" and any(r["config"].get("norm_bound") == "oracle" for r in runs
-                                          if r["config"]["defense"] == d)
-        lines.append(f"| {d}{' (oracle M)' if oracle else ''} | " + " | ".join(row) + " |")
-    return lines + [""]
-
-
-def write_summary(root):
-    """summary.md (the paper's layout: rows defenses, columns attacks, mean ± std over seeds, a worst-case column;
-    one table per combination of the other settings that vary) and summary.csv (one row per cell) under a grid's
-    folder. Works on any folder of cell folders, e.g. merged from several machines. summary.md prints percent;
-    summary.csv keeps results.json's fractions in [0, 1] (AAR in rounds)."""
-    grid, runs, errors = read_grid(root)
-    configs = [r["config"] for r in runs.values()]
-    varied = [k for k in (configs[0] if configs else {}) if k != "out" and
-              len({json.dumps(c.get(k)) for c in configs}) > 1]
-    groups = [k for k in varied if k not in ("defense", "attack", "seed")]
-    layout = grid["layout"] or ("feddefuse" if configs and configs[0]["protocol"] == "feddefuse" else "tacc")
-    metrics = LAYOUTS[layout]
-
-    lines = [f"# {grid['title']}", ""] + ([f"Made by `{grid['command']}`.", ""] if "command" in grid else [])
-    lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
-              f"Scale: {'; '.join(sorted({scale_of(c) for c in configs}))}. "
-              f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
-              f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
-              f"mean ± std over seeds where there are several." if configs else "No cell has finished yet.", ""]
-    key = lambda c: tuple(json.dumps(c.get(k)) for k in groups)
-    for group in sorted({key(c) for c in configs}):
-        if groups:
-            lines += ["## " + ", ".join(f"{k} = {json.loads(v)}" for k, v in zip(groups, group)), ""]
-        lines += summary_table([r for r in runs.values() if key(r["config"]) == group], metrics, layout)
-    lines.append(f"Worst case: the lowest mean {LABELS[metrics[0]]} over the attacks (the no-attack column left out).")
-    if errors:
-        lines += ["", "Failed cells:", ""] + [f"- `{name}`: {error}" for name, error in errors.items()]
-    write_text(os.path.join(root, "summary.md"), "\n".join(lines) + "\n")
-
-    rows = [{"cell": n, "status": "done", "error": "", **r["config"], **r["final"]} for n, r in runs.items()]
-    rows += [{"cell": n, "status": "failed", "error": e} for n, e in errors.items()]
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-
-    def dump(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomically(os.path.join(root, "summary.csv"), dump)
-
-
-def is_grid(argv):
-    """A grid run: --table, or a comma-separated value of any flag (--summarize's paths aside)."""
-    if "--summarize" in argv:
-        return False
-    axes, options = split_grid_argv(argv)
-    return "--table" in options or any(len(values) > 1 for _, values in axes)
-
-
 def main(argv=None):
     """The command line (see the top of this file). What the user can get wrong or interrupt ends in one line
     (``fl.command_line``); Ctrl-C during a run says where its checkpoint stands."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with fl.command_line("run.py"):
-        if is_grid(argv):
-            return run_grid(argv)
+        if grid.is_grid(argv):
+            return grid.run_grid(argv)
         args = parse_args(argv)
         if args.summarize:
-            return summarize(args.summarize)
+            return grid.summarize(args.summarize)
         if args.resume:
             args = resumed_args(args.resume, args.rounds)
         checkpoint = previous_run(args)

@@ -15,6 +15,7 @@ import torch
 
 import feddefuse
 import fl
+import grid
 import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def files(tmp_path_factory):
     read_only.mkdir(mode=0o555)
     ro = next((str(p) for p in (read_only, "/proc/sys") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(run, "plot", fake_plot)
+        m.setattr(grid, "plot", fake_plot)
         run.main(shlex.split(TINY) + ["--defense", "median", "--out", str(base / "run")])
     (base / "unfinished").mkdir()
     shutil.copy(base / "run" / run.CHECKPOINT, base / "unfinished")
@@ -166,18 +167,18 @@ def test_a_run_interrupted_while_plotting_is_not_done_until_rerun(files, tmp_pat
     config = run.config_of(run.parse_args(argv))
     def interrupted(results, path):
         raise KeyboardInterrupt
-    monkeypatch.setattr(run, "plot", interrupted)
+    monkeypatch.setattr(grid, "plot", interrupted)
     with pytest.raises(SystemExit) as exit_:
         run.main(argv)
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "run.py: interrupted after round 2 of 2; rerun the same command to resume\n"
-    assert sorted(os.listdir(tmp_path / "run")) == [run.CHECKPOINT] and not run.is_complete(str(tmp_path / "run"),
+    assert sorted(os.listdir(tmp_path / "run")) == [run.CHECKPOINT] and not grid.is_complete(str(tmp_path / "run"),
                                                                                             config)
-    monkeypatch.setattr(run, "plot", fake_plot)
+    monkeypatch.setattr(grid, "plot", fake_plot)
     run.main(argv)
-    assert "resuming" in capsys.readouterr().out and run.is_complete(str(tmp_path / "run"), config)
+    assert "resuming" in capsys.readouterr().out and grid.is_complete(str(tmp_path / "run"), config)
     os.remove(tmp_path / "run" / "results.png")
-    assert not run.is_complete(str(tmp_path / "run"), config), "a promised file is missing"
+    assert not grid.is_complete(str(tmp_path / "run"), config), "a promised file is missing"
 
 
 def interrupt_once(argv, progress):
@@ -202,7 +203,7 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes(tmp_path, m
     done = len(run.load_checkpoint(str(out), "cpu")["rounds"])
     assert err == f"run.py: interrupted after round {done} of 4; rerun the same command to resume\n"
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(run, "plot", fake_plot)
+    monkeypatch.setattr(grid, "plot", fake_plot)
     run.main(argv)
     assert f"resuming {out} after round {done}" in capsys.readouterr().out and (out / "results.json").exists()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import grid
 import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +113,10 @@ def test_a_cell_run_by_the_grid_equals_the_same_cell_run_alone_and_printed_comma
                                           ("feddefuse-2", 32)])
 def test_every_paper_table_expands_into_valid_cells(table, cells, tmp_path):
     """--table expands to the paper table's defenses x attacks, each cell a valid run.py command line."""
-    _, layout, flags = run.paper_table(table, "digits")
-    expanded = run.grid_cells(list(flags.items()), str(tmp_path))
-    assert len(expanded) == cells and layout in run.LAYOUTS
-    assert all(run.parse_cell(argv)[1] is None for _, argv in expanded)
+    _, layout, flags = grid.paper_table(table, "digits")
+    expanded = grid.grid_cells(list(flags.items()), str(tmp_path))
+    assert len(expanded) == cells and layout in grid.LAYOUTS
+    assert all(grid.parse_cell(argv)[1] is None for _, argv in expanded)
 
 
 def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
@@ -124,5 +125,5 @@ def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
     final = {"tacc": 0.5, "asr": None}
     runs = [{"config": {"defense": "normbound", "attack": "none", "norm_bound": m}, "final": final}
             for m in ("oracle", "median")]
-    assert run.summary_table(runs[:1], ["tacc"], "tacc")[2].startswith("| normbound (oracle M) | ")
-    assert run.summary_table(runs[1:], ["tacc"], "tacc")[2].startswith("| normbound | ")
+    assert grid.summary_table(runs[:1], ["tacc"], "tacc")[2].startswith("| normbound (oracle M) | ")
+    assert grid.summary_table(runs[1:], ["tacc"], "tacc")[2].startswith("| normbound | ")
