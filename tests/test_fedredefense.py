@@ -51,6 +51,7 @@ def first_reconstruction(digits_round):
     return (batch, *fr.reconstruct(model, w, batch, initial(4), torch.full((4,), 400), HP))
 
 
+@pytest.mark.xdist_group("first_reconstruction")  # one worker computes the fixture once
 def test_genuine_update_reconstructs_under_gamma_and_crafted_does_not(first_reconstruction):
     """The paper's key finding (sec. 1) on real local training."""
     _, errors, _, iterations = first_reconstruction
@@ -94,6 +95,7 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
             assert not torch.equal(plain, k_i.images) and torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.xdist_group("first_reconstruction")  # one worker computes the fixture once
 def test_early_stop_when_knowledge_already_reconstructs(digits_round, first_reconstruction):
     model, w, _, _ = digits_round
     batch, errors, learned, _ = first_reconstruction
