@@ -65,7 +65,7 @@ class Hyper:
 # - tau~ = 2: App. B.1's 16 simulated steps match its clients' own 16-19 steps an epoch (500-600 samples, batch
 #   32); a digits client takes 2;
 # - alpha = 0.3: Gaussian attackers are scattered, so one that is not a representative is *far* from all of them
-#   and, at alpha = 0.5, lands between the clusters of Phi. Chosen on 8 recorded rounds per attack (README).
+#   and, at alpha = 0.5, lands between the clusters of Phi. Chosen on 8 recorded rounds per attack (RESULTS.md).
 HYPER = {name: Hyper() for name in ("mnist", "fmnist", "cifar10", "cinic10")}
 HYPER["digits"] = Hyper(sim_steps=2, alpha=0.3)
 
@@ -306,7 +306,7 @@ def dbscan_labels(d_b, eps=0.5, min_samples=2):
     - eps = 0.5: in an all-benign non-IID round the scaled d_b spread over roughly 0.5-2 with small gaps (n >= 10
       clients), so they chain into one cluster. A malicious group whose d_b exceeds the farthest benign one by
       more than half the typical benign distance leaves a gap > 0.5, and so a second label.
-    - Measured on digits (FedDefuse's threat model, 10 participants, 40 rounds per attack; README): the gate keeps
+    - Measured on digits (FedDefuse's threat model, 10 participants, 40 rounds per attack; RESULTS.md): the gate keeps
       38 of 40 attack-free rounds whole and fires on every Gaussian and Fang round and on 36 of 40 Scaling rounds.
       It misses sign-flip (k = 1): a flipped update lies 1.7x (median) farther from the prototype than a genuine
       one, but the genuine d_b alone span 2.1-2.4x within a round (non-IID norms), so the two groups overlap (a

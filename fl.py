@@ -168,7 +168,7 @@ def local_steps(n_samples, epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Speed: where the work runs, never what it computes. Measured with ``python fl.py`` (README, "Speed").
+# Speed: where the work runs, never what it computes. Measured with ``python fl.py`` (RESULTS.md, "Speed").
 # ---------------------------------------------------------------------------------------------------------------
 # - On a CPU, independent jobs (clients, test batches) run one per core, each on one thread with its own copy of
 #   the model: at a batch of 32 one client's convolutions cannot keep two cores busy (FashionMNIST CNN: 9.1 ms a

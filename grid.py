@@ -46,7 +46,7 @@ def paper_table(name, dataset, scale="laptop"):
     attacks the first 50 of 500 rounds. On digits (25 clients, 40 rounds) and at laptop scale (20 clients under
     FedDefuse's protocol, 50 rounds) it samples 10 a round, which keeps its attacking share (A = 6 of 10: 3-6
     attackers, 45% on average, of the 6-7 malicious clients there are; 20 participants would hold all of them, 30%),
-    and pattern II attacks the first 10 rounds (as README's FedDefuse tables)."""
+    and pattern II attacks the first 10 rounds (as RESULTS.md's FedDefuse tables)."""
     small = dataset == "digits" or scale == "laptop"
     feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if small else "20"],
                  "--max-malicious-share": ["0.6"]}

@@ -36,7 +36,7 @@ def cores_in_use():
 
 # Cores shared with other work: OpenMP threads that spin while they wait take the cores from each other (two runs
 # side by side on two cores each went 60x slower), so this run's threads sleep while they wait instead (alone that
-# costs up to 2.7x, README "Speed"). It must be set before torch loads OpenMP; the numbers do not depend on it.
+# costs up to 2.7x, RESULTS.md "Speed"). It must be set before torch loads OpenMP; the numbers do not depend on it.
 SHARED_CORES = "OMP_WAIT_POLICY" not in os.environ and cores_in_use()
 if SHARED_CORES:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -62,16 +62,12 @@ PROTOCOLS = {
     "fedredefense": {"sampling": "uniform", "knowledge": "partial", "model": "cnn"},  # sec. 3, 5.1, App. B.2
     "feddefuse": {"sampling": "capped", "knowledge": "full", "model": "mlp"},          # sec. 1, 2.2, App. B.1
 }
-# --scale: the clients, rounds, participants and training images a run uses where --clients, --rounds,
-# --participants and --train-size are not given (README "Scales"). paper: 100 clients over the whole training set,
-# 500 rounds (FedREDefense sec. 5.1.4; FedDefuse sec. 4.1), every client in every round under FedREDefense's
-# protocol and 20 a round under FedDefuse's. laptop keeps the paper's client size (1/100 of the training set: 600
-# FashionMNIST images, 16-19 local steps), its 28% of malicious clients and its attacking share, on a seeded
-# stratified subset of the training set: 10 clients under FedREDefense's protocol (a first reconstruction costs up
-# to Table 7's 5000 outer iterations a client, so round 1 alone takes about 20 min on a 2-core CPU), 20 clients
-# with 10 a round under FedDefuse's (A-bar = 0.6 then draws 3-6 of its 6 attackers, 45% on average, as the paper's
-# 6-12 of 20); 50 rounds. Shrinking the clients' data instead of their number would change what FedREDefense
-# reconstructs. The embedded digits set (not in the papers) has one scale: 25 clients, all taking part, 40 rounds.
+# --scale: the clients, rounds, participants and training images a run uses where the flags are not given
+# (README, "Real datasets, scales and GPUs"). paper: 100 clients over the whole training set, 500 rounds
+# (FedREDefense sec. 5.1.4; FedDefuse sec. 4.1), 20 a round under FedDefuse's protocol. laptop keeps the papers'
+# client size (1/100 of the training set), 28% malicious clients and FedDefuse's attacking share (A-bar = 0.6 of 10
+# participants draws 3-6 of 6 attackers, 45% on average) on a seeded stratified subset: shrinking the clients' data
+# instead of their number would change what FedREDefense reconstructs. Digits (not in the papers) has one scale.
 SCALES = ("laptop", "paper")
 SCALE = {  # (clients, rounds, participants a round; None: every client)
     ("paper", "fedredefense"): (100, 500, None), ("paper", "feddefuse"): (100, 500, 20),
