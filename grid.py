@@ -415,10 +415,10 @@ def print_runs(runs):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         c, f = r["config"], r["final"]
-        aar = "-" if f["aar"] is None else f"{f['aar']:.2f}"
         print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {run.threat_model(c)} | "
               f"{run.scale_of(c)} | {run.pct(f['tacc'])} | "
-              f"{run.pct(f['asr'])} | {run.pct(f['dacc'])} | {run.pct(f['fpr'])} | {run.pct(f['fnr'])} | {aar} | "
+              f"{run.pct(f['asr'])} | {run.pct(f['dacc'])} | {run.pct(f['fpr'])} | {run.pct(f['fnr'])} | "
+              f"{run.rounds_text(f['aar'])} | "
               f"{run.pct(f['adacc'])} | {run.pct(f['mr'])} | {run.pct(f['mr_zero_rounds'])} |")
     with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
     if not with_errors:

@@ -749,11 +749,14 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def rounds_text(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
 def format_final(final):
-    aar = "-" if final["aar"] is None else f"{final['aar']:.2f}"
     return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
-            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {aar}  ADACC {pct(final['adacc'])}  "
-            f"MR {pct(final['mr'])}")
+            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {rounds_text(final['aar'])}  "
+            f"ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
 
 
 def main(argv=None):
