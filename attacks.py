@@ -19,6 +19,7 @@ Conventions (those of ``fl.py``):
 - Fewer than 2 known updates leave the standard deviation undefined; the statistics-based attacks (Fang, LIE,
   Min-Max, Min-Sum) then send the zero update, as the FedREDefense authors' code does.
 """
+import copy
 import math
 from statistics import NormalDist
 
@@ -35,6 +36,7 @@ TARGETED = ("targeted-labelflip", "adaptive-targeted-labelflip")  # ASR: source-
 # CLI order: none, the FedREDefense attacks (A.2 order), the two FedDefuse-only attacks, then sec. 6.1's four.
 ATTACKS = ("none",) + CRAFTED[:5] + BACKDOOR + CRAFTED[5:] + LABEL_FLIP
 FLIP_SOURCE, FLIP_TARGET = 0, 2  # targeted label flip: class 0 relabelled as 2 (Tolpegin et al. 2020)
+BACKDOOR_TARGET = 0  # the backdoors' target class (FedREDefense App. A.2)
 
 
 def _rand(shape, generator, like, normal=False):
@@ -625,7 +627,7 @@ def adaptive_scale(g, passes, delta_init=2.0, gamma_att=0.125):
         while delta >= gamma_att:  lambda += delta;  if not passes(lambda * g): lambda -= delta;  delta /= 2
     With delta_init = 2 and gamma_att = 0.125 (sec. 6.1) it tries 3, then +-1, +-0.5, +-0.25, +-0.125: five calls,
     and lambda lies on the grid 1 + 0.125 k, at most 4.875. ``passes(update) -> bool`` is the defense's own
-    decision on that update, run on the attacker's copy of the defense's state (``run.py``); on a monotone
+    decision on that update, run on the attacker's copy of the defense's state (``attacker_test``); on a monotone
     pass/fail it returns the largest grid point that passes. Returns (lambda, lambda * g).
     """
     lam, delta = 1.0, delta_init
@@ -635,3 +637,33 @@ def adaptive_scale(g, passes, delta_init=2.0, gamma_att=0.125):
             lam -= delta
         delta /= 2
     return lam, lam * g
+
+
+def attacker_test(defense, updates, i, rnd):
+    """``passes(update)`` for the adaptive attacker of row i (Algorithm 3): the defense's own decision on this
+    round with row i replaced by ``update``, run on a copy of the defense, so its state never changes. A defense
+    may offer the same decision more cheaply (FedREDefense: ``attacker_test``, one client's reconstruction test).
+    A rule that makes no per-client decision (Median, Norm bound, ...) passes every update."""
+    if hasattr(defense, "attacker_test"):
+        return defense.attacker_test(rnd.clients[i], rnd)
+
+    def passes(update):
+        trial = updates.clone()
+        trial[i] = update
+        accepted = copy.deepcopy(defense)(trial, rnd).accepted
+        return accepted is None or bool(accepted[i])
+    return passes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What an attack achieves: its attack success rate (ASR)
+# ---------------------------------------------------------------------------------------------------------------
+
+def success_rate(attack, model, w, x_test, y_test, add_trigger):
+    """ASR of the run's attack: a backdoor's (triggered images of other classes sent to the target, App. A.4) or
+    a targeted label flip's (source-class images sent to the target, sec. 6.1); None for every other attack."""
+    if attack in BACKDOOR:
+        return fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
+    if attack in TARGETED:
+        return fl.targeted_success_rate(model, w, x_test, y_test, FLIP_SOURCE, FLIP_TARGET)
+    return None

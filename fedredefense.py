@@ -23,7 +23,6 @@ next to the code it concerns; the list in short:
 - Iteration caps (Table 7): "Initial round of M" on a client's first participation, "Upper bound of M" after.
 - The error carries the code's 1e-9 guard on both norms, so a zero update gets a huge (not infinite) error.
 """
-import dataclasses
 from dataclasses import dataclass
 
 import torch

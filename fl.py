@@ -464,6 +464,44 @@ def load_file(path, what, fix, looks_right, **kw):
     return content
 
 
+def check_folder(flag, path, writable=True):
+    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) in
+    a place this process may not write to."""
+    if not path:
+        raise UserError(f"argument {flag}: must name a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"argument {flag}: {existing} is a file, not a folder (give a folder)")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
+
+
+
+def write_atomically(path, write):
+    """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
+    system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the file."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):  # the write failed (an exception; a kill leaves it, to be overwritten next time)
+            os.remove(tmp)
+
+
+
+def write_text(path, text):
+    """``text`` into the file ``path``, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark: ``python fl.py [cpu|cuda]``, the project against the plain per-client loop, side by side
 # ---------------------------------------------------------------------------------------------------------------

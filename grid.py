@@ -8,8 +8,8 @@ Any flag of ``run.py`` given comma-separated values is an axis; every combinatio
 run.py`` process in its own folder under ``--out``, ``--jobs`` at a time. A cell is done when its results.json
 (written last) holds its configuration, so rerunning a grid runs only what is missing. ``summary.md`` holds the
 table in the paper's layout, ``summary.csv`` one row per cell. This module also draws a run's results.png.
-``run.py`` calls ``is_grid``, ``run_grid``, ``summarize`` and ``plot``; this module calls ``run.parse_args``
-to read a cell's settings.
+``run.py`` calls ``is_grid``, ``run_grid``, ``summarize``, ``plot`` and the one-line formats of a run
+(``threat_model``, ``scale_of``, ``format_final``); this module calls ``run.parse_args`` to read a cell's settings.
 """
 import csv
 import itertools
@@ -149,7 +149,7 @@ def record_error(out, error):
             os.remove(path)
         return
     os.makedirs(out, exist_ok=True)
-    run.write_text(path, error + "\n")
+    fl.write_text(path, error + "\n")
 
 
 def run_grid(argv):
@@ -180,7 +180,7 @@ def run_grid(argv):
         raise fl.UserError(f"argument --jobs: must be an integer >= 1 (got {jobs})")
     jobs = int(jobs)
     root = options.get("--out") or os.path.join("runs", table or "grid")
-    run.check_folder("--out", root)
+    fl.check_folder("--out", root)
     cells = grid_cells(axes, root)
     pending, invalid = [], {}
     for name, cell_argv in cells:
@@ -195,7 +195,7 @@ def run_grid(argv):
     os.makedirs(root, exist_ok=True)
     grid = {"title": title, "layout": layout, "command": shlex.join(["python", "run.py", *argv]),
             "cells": {name: cell_argv for name, cell_argv in cells}}
-    run.write_text(os.path.join(root, "grid.json"), json.dumps(grid, indent=1))
+    fl.write_text(os.path.join(root, "grid.json"), json.dumps(grid, indent=1))
     for name, error in failed.items():
         record_error(os.path.join(root, name), error)
     if options.get("--print-commands"):
@@ -224,7 +224,7 @@ def run_grid(argv):
                     record_error(out, error)
                     failed[name] = error
                 eta = (time.time() - start) / done * (len(pending) - done) / 60
-                outcome = f"FAILED, {error}" if error else run.format_final(finished_run(out)["final"])
+                outcome = f"FAILED, {error}" if error else format_final(finished_run(out)["final"])
                 print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
     except KeyboardInterrupt:
         for process in running.values():  # a terminal's Ctrl-C reached the cells too; else they get one now
@@ -241,6 +241,36 @@ def run_grid(argv):
     print(f"wrote {os.path.join(root, 'summary.md')} and summary.csv" +
           (f"; {len(failed)} cell(s) failed" if failed else ""))
     return 1 if failed else 0
+
+
+def threat_model(config):
+    """One line naming the threat model a run used, for its progress output and every summary table."""
+    c = config if isinstance(config, dict) else vars(config)
+    return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
+
+
+def scale_of(config):
+    """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
+    c = config if isinstance(config, dict) else vars(config)
+    images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
+    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
+
+
+def pct(v):
+    """A rate (a fraction in results.json) as the console and the tables print it: percent, or "-"."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def rounds_text(v):
+    """AAR (rounds) as the console and the tables print it."""
+    return "-" if v is None else f"{v:.2f}"
+
+
+def format_final(final):
+    """A run's final row on one line (the end of a run, and each cell of a grid as it finishes)."""
+    return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
+            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {rounds_text(final['aar'])}  "
+            f"ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
 
 
 def mean_std(values, percent=True):
@@ -319,8 +349,8 @@ def write_summary(root):
     metrics = LAYOUTS[layout]
 
     lines = [f"# {grid['title']}", ""] + ([f"Made by `{grid['command']}`.", ""] if "command" in grid else [])
-    lines += [f"Threat model: {'; '.join(sorted({run.threat_model(c) for c in configs}))}. "
-              f"Scale: {'; '.join(sorted({run.scale_of(c) for c in configs}))}. "
+    lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
+              f"Scale: {'; '.join(sorted({scale_of(c) for c in configs}))}. "
               f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
               f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
               f"mean ± std over seeds where there are several." if configs else "No cell has finished yet.", ""]
@@ -332,7 +362,7 @@ def write_summary(root):
     lines.append(f"Worst case: the lowest mean {LABELS[metrics[0]]} over the attacks (the no-attack column left out).")
     if errors:
         lines += ["", "Failed cells:", ""] + [f"- `{name}`: {error}" for name, error in errors.items()]
-    run.write_text(os.path.join(root, "summary.md"), "\n".join(lines) + "\n")
+    fl.write_text(os.path.join(root, "summary.md"), "\n".join(lines) + "\n")
 
     rows = [{"cell": n, "status": "done", "error": "", **r["config"], **r["final"]} for n, r in runs.items()]
     rows += [{"cell": n, "status": "failed", "error": e} for n, e in errors.items()]
@@ -343,7 +373,7 @@ def write_summary(root):
             writer = csv.DictWriter(f, fields)
             writer.writeheader()
             writer.writerows(rows)
-    run.write_atomically(os.path.join(root, "summary.csv"), dump)
+    fl.write_atomically(os.path.join(root, "summary.csv"), dump)
 
 
 def is_grid(argv):
@@ -415,11 +445,11 @@ def print_runs(runs):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         c, f = r["config"], r["final"]
-        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {run.threat_model(c)} | "
-              f"{run.scale_of(c)} | {run.pct(f['tacc'])} | "
-              f"{run.pct(f['asr'])} | {run.pct(f['dacc'])} | {run.pct(f['fpr'])} | {run.pct(f['fnr'])} | "
-              f"{run.rounds_text(f['aar'])} | "
-              f"{run.pct(f['adacc'])} | {run.pct(f['mr'])} | {run.pct(f['mr_zero_rounds'])} |")
+        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {threat_model(c)} | "
+              f"{scale_of(c)} | {pct(f['tacc'])} | "
+              f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | "
+              f"{rounds_text(f['aar'])} | "
+              f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
     with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
     if not with_errors:
         return

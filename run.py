@@ -17,7 +17,6 @@ One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, s
   6. w^t = w^{t-1} + aggregate; TACC, ASR and the detection metrics are recorded.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -79,7 +78,6 @@ PAPER_CLIENTS = 100  # the paper's client size is 1/100 of the training set
 TRAIN_SIZE = {"digits": 1347, "mnist": 60000, "fmnist": 60000, "cifar10": 50000, "cinic10": 90000}
 CLASSES = 10  # of every dataset here
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
-BACKDOOR_TARGET = 0     # App. A.2
 CHECKPOINT = "checkpoint.pt"
 OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run writes in --out
 
@@ -249,23 +247,9 @@ def parse_args(argv=None):
         rest = "".join(f"_{k.replace('_', '-')}-{getattr(args, k)}" for k in given if k not in named)
         args.out = os.path.join(
             "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}{rest}")
-    check_folder("--out", args.out)
-    check_folder("--data-dir", args.data_dir, writable=args.download)
+    fl.check_folder("--out", args.out)
+    fl.check_folder("--data-dir", args.data_dir, writable=args.download)
     return args
-
-
-def check_folder(flag, path, writable=True):
-    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) in
-    a place this process may not write to."""
-    if not path:
-        raise fl.UserError(f"argument {flag}: must name a folder")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise fl.UserError(f"argument {flag}: {existing} is a file, not a folder (give a folder)")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
-        raise fl.UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
 
 
 def is_number(text, at_least):
@@ -425,32 +409,6 @@ def make_defense(args, model, ds, x_train, y_train, w_init, device):
     return getattr(baselines, args.defense)
 
 
-def attacker_test(defense, updates, i, rnd):
-    """``passes(update)`` for the adaptive attacker of row i (Algorithm 3): the defense's own decision on this
-    round with row i replaced by ``update``, run on a copy of the defense, so its state never changes. A defense
-    may offer the same decision more cheaply (FedREDefense: ``attacker_test``, one client's reconstruction test).
-    A rule that makes no per-client decision (Median, Norm bound, ...) passes every update."""
-    if hasattr(defense, "attacker_test"):
-        return defense.attacker_test(rnd.clients[i], rnd)
-
-    def passes(update):
-        trial = updates.clone()
-        trial[i] = update
-        accepted = copy.deepcopy(defense)(trial, rnd).accepted
-        return accepted is None or bool(accepted[i])
-    return passes
-
-
-def success_rate(attack, model, w, x_test, y_test, add_trigger):
-    """ASR of the run's attack: a backdoor's (triggered images of other classes sent to the target, App. A.4) or
-    a targeted label flip's (source-class images sent to the target, sec. 6.1); None for every other attack."""
-    if attack in attacks.BACKDOOR:
-        return fl.attack_success_rate(model, w, x_test, y_test, add_trigger, BACKDOOR_TARGET)
-    if attack in attacks.TARGETED:
-        return fl.targeted_success_rate(model, w, x_test, y_test, attacks.FLIP_SOURCE, attacks.FLIP_TARGET)
-    return None
-
-
 def starting_models(w, groups, clients):
     """The model each of ``clients`` trains from: the global model, or for an ensemble (a defense with
     ``groups``, FLCert) the row of its client's group; ``[d]`` or ``[len(clients), d]``."""
@@ -493,7 +451,7 @@ def run(args, checkpoint=None):
         start -= checkpoint["seconds"]
         print(f"resuming {args.out} after round {len(rounds)}", flush=True)
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
-    print(f"threat model: {threat_model(args)}; {scale_of(args)}", flush=True)
+    print(f"threat model: {grid.threat_model(args)}; {grid.scale_of(args)}", flush=True)
     if SHARED_CORES:
         print("other work is using the cores: this run's threads sleep while they wait, which is slower than on "
               "idle cores (run several settings as one grid, with --jobs, rather than side by side)", flush=True)
@@ -514,7 +472,8 @@ def run(args, checkpoint=None):
             w_c = starting_models(w, groups, [c]).reshape(-1)
             if attacks_now and args.attack in attacks.BACKDOOR:
                 trigger = pixels if args.attack == "scaling" else [pixels[c % 4]]  # DBA: pattern = id mod 4
-                return attacks.backdoor_update(m, w_c, x, y, data.add_trigger(x, trigger), BACKDOOR_TARGET, lr, g)
+                return attacks.backdoor_update(m, w_c, x, y, data.add_trigger(x, trigger),
+                                              attacks.BACKDOOR_TARGET, lr, g)
             if attacks_now and args.attack in attacks.LABEL_FLIP:
                 y = attacks.flip_labels(args.attack, y, ds.num_classes)
             return fl.local_update(m, w_c, x, y, lr, g)
@@ -544,8 +503,8 @@ def run(args, checkpoint=None):
         rnd, lambdas = fl.Round(t, clients, w, sizes, attacking), {}
         if args.attack in attacks.ADAPTIVE:
             for i in attacking.nonzero()[:, 0].tolist():
-                lambdas[str(clients[i])], updates[i] = attacks.adaptive_scale(updates[i],
-                                                                              attacker_test(defense, updates, i, rnd))
+                passes = attacks.attacker_test(defense, updates, i, rnd)
+                lambdas[str(clients[i])], updates[i] = attacks.adaptive_scale(updates[i], passes)
 
         decision = (defense(updates, rnd) if clients else  # all expelled
                     fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool),
@@ -569,7 +528,7 @@ def run(args, checkpoint=None):
             "details": decision.details,
             "lambda": lambdas or None,
             "tacc": fl.accuracy(model, w, x_test, y_test),
-            "asr": success_rate(args.attack, model, w, x_test, y_test, add_trigger),
+            "asr": attacks.success_rate(args.attack, model, w, x_test, y_test, add_trigger),
             **round_metrics(None if accepted is None else torch.cat([accepted, torch.zeros(len(rejected),
                                                                                           dtype=torch.bool)]),
                             torch.cat([attacking, rejected_attacking])),
@@ -594,21 +553,8 @@ def run(args, checkpoint=None):
     }
     if args.save_replay and args.defense == "feddefuse":
         os.makedirs(args.out, exist_ok=True)
-        write_atomically(os.path.join(args.out, "replay.pt"), lambda tmp: torch.save(defense.replay, tmp))
+        fl.write_atomically(os.path.join(args.out, "replay.pt"), lambda tmp: torch.save(defense.replay, tmp))
     return results
-
-
-def threat_model(config):
-    """One line naming the threat model a run used, for its progress output and every summary table."""
-    c = config if isinstance(config, dict) else vars(config)
-    return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
-
-
-def scale_of(config):
-    """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
-    c = config if isinstance(config, dict) else vars(config)
-    images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
-    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
 
 
 def per_client(clients, values):
@@ -628,25 +574,11 @@ def progress_line(r, total, seconds_per_round):
 # Output
 # -----------------------------------------------------------------------------------------------------------------
 
-def write_atomically(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
-    system refuses (a full disk, a folder made read-only) is a ``fl.UserError`` naming the file."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise fl.UserError(f"cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):  # the write failed (an exception; a kill leaves it, to be overwritten next time)
-            os.remove(tmp)
-
-
 def save_checkpoint(out, state):
     """After every round: all the next round depends on (global model, the defense with its state, the RNG
     states, the rounds so far), written atomically, so a run killed at any moment resumes from its last round."""
     os.makedirs(out, exist_ok=True)
-    write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
+    fl.write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(out, device, mmap=False):
@@ -699,7 +631,7 @@ def previous_run(args):
 
 def resumed_args(out, rounds):
     """The settings of the run whose checkpoint is in ``out`` (``--resume``), to ``rounds`` rounds where given."""
-    check_folder("--resume", out)
+    fl.check_folder("--resume", out)
     checkpoint = load_checkpoint(out, "cpu", mmap=True)  # the config only: the run loads it on its device
     if checkpoint is None:
         raise fl.UserError(f"argument --resume: {out} holds no {CHECKPOINT}")
@@ -720,13 +652,6 @@ def results_config(out):
         return None
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomically(path, write)
-
-
 def save(results, out):
     """results.json and results.png in ``out``. The rates in results.json (TACC, ASR, DACC, FPR, FNR, ADACC, AFPR,
     AFNR, MR, per round and final) are fractions in [0, 1], where the console and the plot print percent; AAR is in
@@ -735,28 +660,14 @@ def save(results, out):
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
-    write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
-    write_atomically(os.path.join(out, "results.json"), dump)  # last: a folder with results.json holds every output
+    fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
+    fl.write_atomically(os.path.join(out, "results.json"), dump)  # last: a folder with results.json holds every output
 
 
 def config_of(args):
     """The run's settings as results.json records them (the grid compares them to decide what is done)."""
     return {k: v for k, v in vars(args).items()
             if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def rounds_text(v):
-    return "-" if v is None else f"{v:.2f}"
-
-
-def format_final(final):
-    return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
-            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {rounds_text(final['aar'])}  "
-            f"ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
 
 
 def main(argv=None):
@@ -779,7 +690,7 @@ def main(argv=None):
             saved = load_checkpoint(args.out, "cpu", mmap=True)
             raise fl.Interrupted(f"interrupted after round {len(saved['rounds']) if saved else 0} of {args.rounds}; "
                                  f"rerun the same command to resume") from None
-        print(format_final(results["final"]))
+        print(grid.format_final(results["final"]))
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
 
 

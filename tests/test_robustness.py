@@ -4,6 +4,7 @@
 - Checkpoints: a run stopped after any round, or while writing its checkpoint, resumes to the same results.json;
   an --out folder holding another run's results is refused.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -100,7 +101,7 @@ def test_a_nan_in_one_clients_reconstruction_flags_it_and_leaves_the_others_alon
     """An optimisation that produces NaN (here: a NaN learning rate in one client's K) fails that client only:
     it is flagged, and the other clients' errors, K and iterations equal a round reconstructed without it."""
     model, w, _, updates = digits_round_of_10
-    hp = fedredefense.dataclasses.replace(fedredefense.HYPER["digits"], first_iters=30, max_iters=30)
+    hp = dataclasses.replace(fedredefense.HYPER["digits"], first_iters=30, max_iters=30)
     k0 = fedredefense.initial_knowledge((1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
     k = fedredefense.Knowledge.stack([k0] * 3)
     k.alpha[1] = float("nan")
