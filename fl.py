@@ -403,7 +403,8 @@ def end_progress():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command lines (run.py, feddefuse.py, this file's benchmark): what the user can get wrong ends in one line
+# Command lines (run.py, feddefuse.py, this file's benchmark): what the user can get wrong ends in one line,
+# and what they write is never left half-written
 # ---------------------------------------------------------------------------------------------------------------
 
 class UserError(Exception):
@@ -478,7 +479,6 @@ def check_folder(flag, path, writable=True):
         raise UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
 
 
-
 def write_atomically(path, write):
     """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
     system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the file."""
@@ -491,7 +491,6 @@ def write_atomically(path, write):
     finally:
         if os.path.exists(tmp):  # the write failed (an exception; a kill leaves it, to be overwritten next time)
             os.remove(tmp)
-
 
 
 def write_text(path, text):
