@@ -104,8 +104,6 @@ def grid_cells(axes, root):
     return cells
 
 
-
-
 def parse_cell(argv):
     """(config, None) for a valid cell, (None, its one-line error) for an invalid one."""
     try:
@@ -382,7 +380,6 @@ def is_grid(argv):
         return False
     axes, options = split_grid_argv(argv)
     return "--table" in options or any(len(values) > 1 for _, values in axes)
-
 
 
 def summarize(paths):

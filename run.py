@@ -657,11 +657,9 @@ def save(results, out):
     AFNR, MR, per round and final) are fractions in [0, 1], where the console and the plot print percent; AAR is in
     rounds; reconstruction errors and R are as the defense computes them."""
     os.makedirs(out, exist_ok=True)
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
     fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
-    fl.write_atomically(os.path.join(out, "results.json"), dump)  # last: a folder with results.json holds every output
+    # results.json last: a folder that holds it holds every output
+    fl.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
 
 
 def config_of(args):
