@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -550,6 +551,7 @@ def run(args, checkpoint=None):
         "final": final_metrics(rounds, args.clients, malicious, expelled, marks_clients, rounds[-1]["tacc"],
                                rounds[-1]["asr"]),
         "seconds": time.time() - start,
+        "version": code_version(),
     }
     if args.save_replay and args.defense == "feddefuse":
         os.makedirs(args.out, exist_ok=True)
@@ -660,6 +662,18 @@ def save(results, out):
     fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
     # results.json last: a folder that holds it holds every output
     fl.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+
+
+def code_version():
+    """The code that made a run: ``git describe --always --dirty`` of this file's checkout ("-dirty": with
+    uncommitted changes), or "unknown" outside a git checkout. results.json records it, and RESULTS.md names it."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def config_of(args):

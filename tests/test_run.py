@@ -339,3 +339,10 @@ def test_adaptive_attackers_record_their_lambda_and_test_on_a_copy_of_the_defens
     assert passes(updates[3]) is True
     assert passes(updates[0].clone()) is False  # a copy of client 0's update is its sybil: weight 0
     assert defense.history == {}  # the trials ran on copies
+
+
+def test_results_record_the_code_version_that_made_them(tmp_path):
+    results = run.run(run.parse_args(TINY + ["--rounds", "1", "--defense", "fedavg", "--attack", "none",
+                                             "--out", str(tmp_path)]))
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    assert results["version"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
