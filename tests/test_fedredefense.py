@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attacks
+import data
 import fedredefense as fr
 import fl
 
@@ -247,3 +248,28 @@ def test_an_aggregation_rule_after_filtering_aggregates_the_accepted_updates(dig
     assert decision.accepted.all()
     assert torch.equal(decision.update, baselines.normbound(updates, 0.05).update)
     assert not torch.allclose(decision.update, updates.mean(0))
+
+
+def test_reconstruct_on_the_authors_convnet_equals_the_plain_loop(monkeypatch, single_thread):
+    """With the authors' ConvNet (instance norm, average pooling) in its channels-last format, clients vmapped two at
+    a time on two worker threads: the errors and the K after 4 outer steps of the plain flat-vector loop on the NCHW
+    model, one client at a time (genuine digits updates of the ConvNet; 1e-4 relative)."""
+    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: 2)
+    monkeypatch.setattr(fl, "cores", lambda device: 2)
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits")
+    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
+    plain_model = fl.ConvNet(1, 8)
+    w = fl.flatten_params(plain_model)
+    updates = torch.stack([fl.local_update(plain_model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
+                                           fl.LOCAL_LR["digits"], torch.Generator().manual_seed(c)) for c in range(3)])
+    model, = fl.in_fast_format(fl.ConvNet(1, 8))
+    hp = dataclasses.replace(HP, gamma=0.0)  # no early stop: every client takes all its steps
+    errors, learned, iterations = fr.reconstruct(model, w, updates, initial(3), torch.full((3,), 4), hp)
+    assert iterations.tolist() == [5, 5, 5]
+    for i, k_i in enumerate(initial(3).unstack()):
+        e_plain, k_plain = fr.plain_reconstruction(plain_model, w, updates[i], k_i, 4, hp)
+        assert errors[i].item() == pytest.approx(e_plain.item(), rel=1e-4)
+        assert not torch.equal(k_plain.images, k_i.images)
+        assert torch.allclose(learned.images[i], k_plain.images, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(learned.alpha[i], k_plain.alpha, rtol=1e-4)
