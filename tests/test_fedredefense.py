@@ -17,6 +17,25 @@ def initial(n, generator_seed=0):
     return fr.Knowledge.stack([k] * n)
 
 
+# (LR of images, LR of labels, initial alpha, LR of alpha, first cap, later cap) of each dataset: the FedREDefense
+# paper's Table 7, and the authors' scripts/{FashionMNIST,cifar10,cinic}/ours.sh at commit 6c80ea1 (lr_img,
+# lr_label, lr_teacher, lr_lr, Iteration, Max_Iter).
+TABLE_7 = {"fmnist": (0.1, 0.05, 0.1, 5e-5, 5000, 5000), "cifar10": (0.1, 0.05, 0.05, 5e-5, 500, 1500),
+           "cinic10": (0.1, 0.05, 0.05, 5e-5, 2000, 4000)}
+SCRIPTS = {"fmnist": (0.5, 0.2, 0.1, 5e-6, 800, 2000), "cifar10": (0.1, 0.05, 0.05, 5e-5, 500, 1500),
+           "cinic10": (0.1, 0.05, 0.05, 5e-5, 2000, 4000)}
+
+
+def test_the_settings_are_table_7s_and_the_authors_scripts():
+    row = lambda hp: (hp.lr_images, hp.lr_labels, hp.alpha_init, hp.lr_alpha, hp.first_iters, hp.max_iters)
+    assert {d: row(fr.SETTINGS["paper"][d]) for d in TABLE_7} == TABLE_7
+    assert fr.SETTINGS["paper"]["mnist"] == fr.SETTINGS["paper"]["fmnist"]
+    assert {d: row(hp) for d, hp in fr.SETTINGS["official"].items()} == SCRIPTS  # these three datasets only
+    # N = syn_steps 5, gamma 0.6, 10 images (--ipc 1), outer momentum 0.5: the paper's and the code's everywhere
+    for hp in [*fr.SETTINGS["paper"].values(), *fr.SETTINGS["official"].values()]:
+        assert (hp.inner_steps, hp.gamma, hp.n_images, hp.momentum) == (5, 0.6, 10, 0.5)
+
+
 def test_reconstruction_error():
     g = torch.tensor([[3.0, 4.0]])
     assert fr.reconstruction_error(g, g).item() == pytest.approx(0.0, abs=1e-9)
