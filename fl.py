@@ -1,9 +1,10 @@
 """Federated-learning plumbing shared by every defense.
 
-The paper's CNNs (and FedDefuse's fully connected nets), local SGD, model <-> update vectors, FedAvg, and the metrics both papers report.
+The paper's CNNs (and FedDefuse's fully connected nets, the FedREDefense authors' ConvNet), local SGD, model <->
+update vectors, FedAvg, and the metrics both papers report.
 
 Conventions (used by every module):
-- A model's parameters are one flat vector ``w`` in ``named_parameters()`` order; the CNNs have no buffers.
+- A model's parameters are one flat vector ``w`` in ``named_parameters()`` order; the models have no buffers.
 - A client's update is ``g_i = w_i - w_global`` (FedREDefense eq. 2 notation; FedDefuse writes Delta_i).
 - A round's updates are one tensor ``[n_clients, n_params]``.
 """
@@ -42,7 +43,7 @@ class CNN(nn.Module):
     Padding: the tables give none (the MXNet CNN they come from uses valid convolutions), so images of 16 px and
     more use padding 0. Two valid conv+pool stages would shrink 8x8 digits to nothing, so smaller images use
     padding 1. The FedREDefense authors' code (github: xyq7/FedREDefense, ``codes/models.py:ConvNet``) trains a
-    3-layer ConvNet-128 instead; we follow the paper.
+    3-layer ConvNet-128 instead (``ConvNet``, run.py --model convnet); by default we follow the paper.
     """
 
     def __init__(self, in_channels, image_size, num_classes=10):
@@ -86,7 +87,35 @@ class MLP(nn.Module):
         return self.out(x)
 
 
-MODELS = {"cnn": CNN, "mlp": MLP}
+class ConvNet(nn.Module):
+    """The model the FedREDefense authors' code trains in every script: ``codes/models.py:ConvNet`` with its
+    defaults (github: xyq7/FedREDefense): width 128, depth 3, ReLU, "instancenorm", "avgpooling".
+
+    Three blocks of conv3x3(128) + instance norm + ReLU + avgpool 2x2, then FC(classes) on the flattened features.
+    Their instance norm is GroupNorm(128, 128) with affine parameters, so the model has no buffers. The first
+    convolution pads 1-channel images by 3 (28x28 becomes 32x32), every other convolution by 1. Their code sizes the
+    classifier for 32x32 inputs (128 x 4 x 4 = 2048 features); here it is sized from ``image_size``, which gives the
+    same 2048 on 28x28 and 32x32 images, and 128 x 1 x 1 on 8x8 digits (12, 6, 3, then 1 pixel). Parameters and
+    their names are theirs (``features.<i>``, ``classifier``): 317,706 on 1-channel 28x28 images, 320,010 on 3-channel
+    32x32 ones. PyTorch's default initialisation, as theirs.
+    """
+
+    def __init__(self, in_channels, image_size, num_classes=10, width=128, depth=3):
+        super().__init__()
+        layers, channels, side = [], in_channels, image_size
+        for block in range(depth):
+            pad = 3 if in_channels == 1 and block == 0 else 1
+            layers += [nn.Conv2d(channels, width, 3, padding=pad), nn.GroupNorm(width, width, affine=True), nn.ReLU(),
+                       nn.AvgPool2d(2, 2)]
+            channels, side = width, (side + 2 * pad - 2) // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+MODELS = {"cnn": CNN, "mlp": MLP, "convnet": ConvNet}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,9 +202,10 @@ def local_steps(n_samples, epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE):
 # - On a CPU, independent jobs (clients, test batches) run one per core, each on one thread with its own copy of
 #   the model: at a batch of 32 one client's convolutions cannot keep two cores busy (FashionMNIST CNN: 9.1 ms a
 #   step on two threads, 8.6 ms on one), while two clients at once take 4.4 ms a step each.
-# - On a CPU the CNN and its images are in channels-last memory format, which oneDNN's convolutions and pooling
-#   prefer (FashionMNIST CNN: 8.6 ms a step, against 15.6 ms in NCHW). The flat vector ``w`` is unchanged:
-#   ``flatten_params`` and ``load_params`` read and write the parameters in their logical order.
+# - On a CPU the convolutional nets (CNN, ConvNet) and their images are in channels-last memory format, which
+#   oneDNN's convolutions and pooling prefer (FashionMNIST CNN: 8.6 ms a step, against 15.6 ms in NCHW; ConvNet:
+#   132 ms against 198 ms, on one busy thread). The flat vector ``w`` is unchanged: ``flatten_params`` and
+#   ``load_params`` read and write the parameters in their logical order.
 # - A GPU runs the jobs one after another, in NCHW (not measured here).
 # - glibc's malloc hands every freed block above its mmap threshold back to the kernel, and the next tensor of that
 #   size faults its pages in afresh. A FedDefuse round of 100 clients on FashionMNIST spent 3 min 7 s in the
@@ -232,8 +262,8 @@ def on_cores(fn, items, model):
 
 
 def channels_last(model):
-    """Whether ``model`` runs in channels-last format: a CNN on a CPU."""
-    return isinstance(model, CNN) and device_of(model).type == "cpu"
+    """Whether ``model`` runs in channels-last format: a convolutional net (CNN, ConvNet) on a CPU."""
+    return isinstance(model, (CNN, ConvNet)) and device_of(model).type == "cpu"
 
 
 def in_fast_format(model, *images):

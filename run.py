@@ -136,7 +136,11 @@ def parse_args(argv=None):
     p.add_argument("--knowledge", choices=KNOWLEDGE,
                    help="what crafted attacks know: partial (every compromised participant's genuine update) or "
                         "full (every participant's)")
-    p.add_argument("--model", choices=tuple(fl.MODELS), help="cnn (FedREDefense) or mlp (FedDefuse)")
+    p.add_argument("--model", choices=tuple(fl.MODELS),
+                   help="cnn (FedREDefense), mlp (FedDefuse) or convnet (the FedREDefense authors' code)")
+    p.add_argument("--fedredefense-settings", choices=tuple(fedredefense.SETTINGS), default="paper",
+                   help="fedredefense: its hyper-parameters from the paper (Table 7) or from the authors' scripts "
+                        "(official: fmnist, cifar10, cinic10) (default: paper)")
     p.add_argument("--max-malicious-share", type=fl.number, default=0.6,
                    help="A-bar: most of a round's participants that may be malicious, for --sampling capped and "
                         "attackers-first (default: 0.6)")
@@ -190,6 +194,10 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.dataset == "digits" and args.scale == "paper":
         p.error("argument --scale: digits is not in the papers and has one scale (give laptop, or a real --dataset)")
+    if args.dataset not in fedredefense.SETTINGS[args.fedredefense_settings]:
+        covered = ", ".join(fedredefense.SETTINGS[args.fedredefense_settings])
+        p.error(f"argument --fedredefense-settings: {args.fedredefense_settings} covers {covered} only, the datasets "
+                f"of the FedREDefense authors' scripts (give paper on {args.dataset})")
     clients, rounds, participants = SCALE["digits" if args.dataset == "digits" else args.scale, args.protocol]
     args.clients = args.clients if args.clients is not None else clients
     args.malicious = args.malicious if args.malicious is not None else round(MALICIOUS_SHARE * args.clients)
@@ -384,8 +392,8 @@ def make_defense(args, model, ds, x_train, y_train, w_init, device):
     norm_bound = args.norm_bound if args.norm_bound in ("median", "oracle") else float(args.norm_bound)
     if args.defense == "fedredefense":
         after = None if args.aggregate == "fedavg" else baselines.RobustDefense("normbound", 0, norm_bound)
-        return fedredefense.FedREDefense(model, shape, classes, fedredefense.HYPER[args.dataset], generator,
-                                         device, aggregate=after)
+        hyper = fedredefense.SETTINGS[args.fedredefense_settings][args.dataset]
+        return fedredefense.FedREDefense(model, shape, classes, hyper, generator, device, aggregate=after)
     if args.defense == "feddefuse":
         return feddefuse.FedDefuse(model, shape, classes, feddefuse.HYPER[args.dataset], fl.LOCAL_LR[args.dataset],
                                    generator, record=args.save_replay)
@@ -597,11 +605,13 @@ def load_checkpoint(out, device, mmap=False):
 # Settings that change nothing a run's rounds compute: where its files are, and how many rounds it runs (the same
 # run with more rounds continues from its checkpoint).
 NOT_COMPARED = ("out", "data_dir", "download", "rounds")
+# Settings that some recorded configs lack, each with the value such a run used.
+UNRECORDED = {"fedredefense_settings": "paper"}
 
 
 def same_run(config, other):
-    """Two configs describe the same run, up to ``NOT_COMPARED``."""
-    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}
+    """Two configs describe the same run, up to ``NOT_COMPARED`` (a setting missing from one is ``UNRECORDED``'s)."""
+    strip = lambda c: {k: v for k, v in {**UNRECORDED, **c}.items() if k not in NOT_COMPARED}
     return strip(config) == strip(other)
 
 
@@ -620,6 +630,7 @@ def previous_run(args):
                                f"--rounds {done} or more)")
         return checkpoint
     if not args.overwrite:
+        found = {**UNRECORDED, **found}
         changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
                             for k in sorted(config_of(args))
                             if k not in NOT_COMPARED and found.get(k) != getattr(args, k))

@@ -76,6 +76,9 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("--participation 0.5 --participants 10", "--participation"), ("--participants 0", "--participants"),
     ("--participants 26", "--participants"), ("--protocol fedavg", "--protocol"),
     ("--sampling random", "--sampling"), ("--knowledge none", "--knowledge"), ("--model resnet", "--model"),
+    ("--fedredefense-settings table7", "--fedredefense-settings"),
+    ("--fedredefense-settings official", "--fedredefense-settings"),  # digits: no script of the authors'
+    ("--dataset mnist --fedredefense-settings official", "--fedredefense-settings"),
     ("--max-malicious-share 2", "--max-malicious-share"), ("--max-malicious-share inf", "--max-malicious-share"),
     ("--pattern IV", "--pattern"), ("--attack-rounds -1", "--attack-rounds"), ("--attack-prob -0.1", "--attack-prob"),
     ("--attack-prob 1.5", "--attack-prob"), ("--signflip-k -2", "--signflip-k"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attacks
+import data
 import fedredefense as fr
 import fl
 
@@ -14,6 +15,25 @@ HP = fr.HYPER["digits"]
 def initial(n, generator_seed=0):
     k = fr.initial_knowledge((1, 8, 8), 10, HP, torch.Generator().manual_seed(generator_seed), "cpu")
     return fr.Knowledge.stack([k] * n)
+
+
+# (LR of images, LR of labels, initial alpha, LR of alpha, first cap, later cap) of each dataset: the FedREDefense
+# paper's Table 7, and the authors' scripts/{FashionMNIST,cifar10,cinic}/ours.sh at commit 6c80ea1 (lr_img,
+# lr_label, lr_teacher, lr_lr, Iteration, Max_Iter).
+TABLE_7 = {"fmnist": (0.1, 0.05, 0.1, 5e-5, 5000, 5000), "cifar10": (0.1, 0.05, 0.05, 5e-5, 500, 1500),
+           "cinic10": (0.1, 0.05, 0.05, 5e-5, 2000, 4000)}
+SCRIPTS = {"fmnist": (0.5, 0.2, 0.1, 5e-6, 800, 2000), "cifar10": (0.1, 0.05, 0.05, 5e-5, 500, 1500),
+           "cinic10": (0.1, 0.05, 0.05, 5e-5, 2000, 4000)}
+
+
+def test_the_settings_are_table_7s_and_the_authors_scripts():
+    row = lambda hp: (hp.lr_images, hp.lr_labels, hp.alpha_init, hp.lr_alpha, hp.first_iters, hp.max_iters)
+    assert {d: row(fr.SETTINGS["paper"][d]) for d in TABLE_7} == TABLE_7
+    assert fr.SETTINGS["paper"]["mnist"] == fr.SETTINGS["paper"]["fmnist"]
+    assert {d: row(hp) for d, hp in fr.SETTINGS["official"].items()} == SCRIPTS  # these three datasets only
+    # N = syn_steps 5, gamma 0.6, 10 images (--ipc 1), outer momentum 0.5: the paper's and the code's everywhere
+    for hp in [*fr.SETTINGS["paper"].values(), *fr.SETTINGS["official"].values()]:
+        assert (hp.inner_steps, hp.gamma, hp.n_images, hp.momentum) == (5, 0.6, 10, 0.5)
 
 
 def test_reconstruction_error():
@@ -247,3 +267,28 @@ def test_an_aggregation_rule_after_filtering_aggregates_the_accepted_updates(dig
     assert decision.accepted.all()
     assert torch.equal(decision.update, baselines.normbound(updates, 0.05).update)
     assert not torch.allclose(decision.update, updates.mean(0))
+
+
+def test_reconstruct_on_the_authors_convnet_equals_the_plain_loop(monkeypatch, single_thread):
+    """With the authors' ConvNet (instance norm, average pooling) in its channels-last format, clients vmapped two at
+    a time on two worker threads: the errors and the K after 4 outer steps of the plain flat-vector loop on the NCHW
+    model, one client at a time (genuine digits updates of the ConvNet; 1e-4 relative)."""
+    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: 2)
+    monkeypatch.setattr(fl, "cores", lambda device: 2)
+    torch.manual_seed(0)
+    ds = data.load_dataset("digits")
+    parts = data.dirichlet_partition(ds.y_train, 25, 0.1, 0)
+    plain_model = fl.ConvNet(1, 8)
+    w = fl.flatten_params(plain_model)
+    updates = torch.stack([fl.local_update(plain_model, w, ds.x_train[parts[c]], ds.y_train[parts[c]],
+                                           fl.LOCAL_LR["digits"], torch.Generator().manual_seed(c)) for c in range(3)])
+    model, = fl.in_fast_format(fl.ConvNet(1, 8))
+    hp = dataclasses.replace(HP, gamma=0.0)  # no early stop: every client takes all its steps
+    errors, learned, iterations = fr.reconstruct(model, w, updates, initial(3), torch.full((3,), 4), hp)
+    assert iterations.tolist() == [5, 5, 5]
+    for i, k_i in enumerate(initial(3).unstack()):
+        e_plain, k_plain = fr.plain_reconstruction(plain_model, w, updates[i], k_i, 4, hp)
+        assert errors[i].item() == pytest.approx(e_plain.item(), rel=1e-4)
+        assert not torch.equal(k_plain.images, k_i.images)
+        assert torch.allclose(learned.images[i], k_plain.images, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(learned.alpha[i], k_plain.alpha, rtol=1e-4)

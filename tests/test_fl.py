@@ -1,6 +1,7 @@
 """fl.py: model sizes, update vectors, local training, FedAvg and the metrics, against hand-computed cases."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fl
 
@@ -143,3 +144,56 @@ def test_predictions_on_cores_in_channels_last_equal_the_plain_nchw_model(monkey
         plain = textbook(x).argmax(1)
     model, x_fast = fl.in_fast_format(fl.CNN(1, 28), x)
     assert torch.equal(fl.predict(model, w, x_fast, batch_size=64), plain)
+
+
+def authors_convnet_layers(channels, side):
+    """(name, shape) of every parameter of the FedREDefense authors' ConvNet (codes/models.py:ConvNet with its
+    defaults: width 128, depth 3, instancenorm = GroupNorm(128, 128, affine), relu, avgpooling), written from
+    their definition: nn.Sequential of [conv, norm, relu, pool] x 3 as ``features``, then ``classifier``; the first
+    conv pads 1-channel images by 3, the others by 1. Their classifier reads 128 x 4 x 4 features (28 -> 32 px);
+    on 8x8 digits, 128 x 1 x 1."""
+    final = {28: 4, 32: 4, 8: 1}[side]
+    layers = []
+    for block, c_in in enumerate((channels, 128, 128)):
+        conv, norm = 4 * block, 4 * block + 1
+        layers += [(f"features.{conv}.weight", (128, c_in, 3, 3)), (f"features.{conv}.bias", (128,)),
+                   (f"features.{norm}.weight", (128,)), (f"features.{norm}.bias", (128,))]
+    return layers + [("classifier.weight", (10, 128 * final * final)), ("classifier.bias", (10,))]
+
+
+@pytest.mark.parametrize("channels, side, n_params", [(1, 28, 317_706), (3, 32, 320_010), (1, 8, 298_506)])
+def test_convnet_is_the_authors_convnet_128(channels, side, n_params):
+    model = fl.ConvNet(channels, side)
+    assert [(name, tuple(p.shape)) for name, p in model.named_parameters()] == authors_convnet_layers(channels, side)
+    assert sum(fl.param_sizes(model)) == n_params  # 317,706 and 320,010: the authors' FashionMNIST and CIFAR model
+    assert list(model.buffers()) == [], "the flat vector w must hold the whole model"
+
+
+def authors_convnet_forward(w, x):
+    """The authors' ConvNet forward from its parameters ``w`` (a name -> tensor dict), written with torch's
+    functional ops: conv (padding 3 on a 1-channel input's first, else 1), instance norm with affine parameters,
+    ReLU, 2x2 average pooling, three times; then the classifier."""
+    first_pad = 3 if x.shape[1] == 1 else 1
+    for block in range(3):
+        conv, norm = 4 * block, 4 * block + 1
+        x = F.conv2d(x, w[f"features.{conv}.weight"], w[f"features.{conv}.bias"],
+                     padding=first_pad if block == 0 else 1)
+        x = F.instance_norm(x, weight=w[f"features.{norm}.weight"], bias=w[f"features.{norm}.bias"], eps=1e-5)
+        x = F.avg_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), w["classifier.weight"], w["classifier.bias"])
+
+
+@pytest.mark.parametrize("channels, side", [(1, 28), (3, 32), (1, 8)])
+def test_convnet_computes_the_authors_function_in_either_memory_format(channels, side):
+    torch.manual_seed(0)
+    model = fl.ConvNet(channels, side)
+    with torch.no_grad():  # affine parameters away from PyTorch's initial 1 and 0, so that they count
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p))
+    x = torch.randn(3, channels, side, side)
+    expected = authors_convnet_forward(dict(model.named_parameters()), x)
+    assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
+    fast, x_fast = fl.in_fast_format(model, x)
+    assert fl.channels_last(fast) and fast.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast(x_fast), expected, rtol=1e-4, atol=1e-5)

@@ -155,6 +155,22 @@ def test_fedredefense_runs_with_a_small_cap(tmp_path, system_copy, monkeypatch):
     assert all(map(finite, results["final"].values()))
 
 
+def test_fedredefense_runs_as_the_authors_code_runs(tmp_path, system_copy, monkeypatch):
+    """--model convnet --fedredefense-settings official: the authors' ConvNet (317,706 parameters on FashionMNIST)
+    and their FashionMNIST script's settings (the caps shrunk to 3), recorded in results.json."""
+    small = dataclasses.replace(fedredefense.OFFICIAL_HYPER["fmnist"], first_iters=3, max_iters=3)
+    monkeypatch.setitem(fedredefense.OFFICIAL_HYPER, "fmnist", small)
+    results = short_run(tmp_path, "--defense", "fedredefense", "--attack", "fang", "--clients", "4", "--rounds", "1",
+                        "--model", "convnet", "--fedredefense-settings", "official")
+    assert results["config"]["model"] == "convnet" and results["config"]["fedredefense_settings"] == "official"
+    checkpoint = run.load_checkpoint(str(tmp_path / "out"), "cpu")
+    assert checkpoint["defense"].hp == small and len(checkpoint["w"]) == 317_706
+    (record,) = results["rounds"]
+    assert len(record["errors"]) == 4 and all(map(math.isfinite, record["errors"].values()))
+    assert all(1 <= i <= 4 for i in record["iterations"].values())
+    assert all(map(finite, results["final"].values()))
+
+
 def test_feddefuse_runs_under_its_own_threat_model(tmp_path, system_copy, monkeypatch):
     monkeypatch.setitem(feddefuse.HYPER, "fmnist", dataclasses.replace(feddefuse.HYPER["fmnist"], surrogate_iters=5))
     results = short_run(tmp_path, "--defense", "feddefuse", "--attack", "scaling", "--clients", "6",

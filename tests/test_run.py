@@ -346,3 +346,16 @@ def test_results_record_the_code_version_that_made_them(tmp_path):
                                              "--out", str(tmp_path)]))
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     assert results["version"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+
+
+def test_the_model_and_fedredefense_settings_are_part_of_a_runs_identity():
+    """Runs that differ in --model or --fedredefense-settings get other default folders and are never taken for each
+    other; a config recorded without --fedredefense-settings is a run at Table 7's settings (paper)."""
+    argvs = [[], ["--fedredefense-settings", "official"], ["--model", "convnet"]]
+    args = [run.parse_args(["--dataset", "fmnist", *argv]) for argv in argvs]
+    assert len({a.out for a in args}) == 3
+    paper, official, convnet = map(run.config_of, args)
+    assert (paper["fedredefense_settings"], official["fedredefense_settings"]) == ("paper", "official")
+    assert not run.same_run(paper, official) and not run.same_run(paper, convnet)
+    unrecorded = {k: v for k, v in paper.items() if k != "fedredefense_settings"}
+    assert run.same_run(unrecorded, paper) and not run.same_run(unrecorded, official)
