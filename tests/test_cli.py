@@ -1,4 +1,4 @@
-"""The command lines of run.py, feddefuse.py and fl.py: a bad flag, path or file is one line on stderr and exit code
+"""The command lines of run.py, grid.py, feddefuse.py and bench.py: a bad flag, path or file is one line on stderr and exit code
 2, with nothing written; Ctrl-C stops a run or a grid in one line, exit code 130, and nothing unfinished counts as
 done; --summarize reads finished runs and grids only. (fedredefense.py has no command line.)"""
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import feddefuse
 import fl
 import grid
@@ -57,7 +58,7 @@ def snapshot(*roots):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")}
 
 
-MAINS = {"run.py": run.main, "feddefuse.py": feddefuse.main, "fl.py": fl.main}
+MAINS = {"run.py": run.main, "feddefuse.py": feddefuse.main, "bench.py": bench.main}
 BAD = [("run.py", argv, named) for argv, named in [
     # every flag: a wrong type, a value out of range, a combination that does not hold
     ("--dataset svhn", "--dataset"), ("--data-dir {file}", "--data-dir"),
@@ -107,8 +108,8 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("replay {replay} --n-representatives -1", "--n-representatives"),
     ("replay {replay} --dbscan-eps 0", "--dbscan-eps"), ("replay {replay} --dbscan-eps nan", "--dbscan-eps"),
     ("replay {replay} --dbscan-min-samples 0", "--dbscan-min-samples"), ("replay {replay} --rule max", "--rule"),
-]] + [("fl.py", "tpu", "device"), ("fl.py", "cpu cuda", "unrecognized")] + (
-    [] if torch.cuda.is_available() else [("run.py", "--device cuda", "--device"), ("fl.py", "cuda", "CUDA")])
+]] + [("bench.py", "tpu", "device"), ("bench.py", "cpu cuda", "unrecognized")] + (
+    [] if torch.cuda.is_available() else [("run.py", "--device cuda", "--device"), ("bench.py", "cuda", "CUDA")])
 
 
 @pytest.mark.parametrize("prog, argv, named", BAD)

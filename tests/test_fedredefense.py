@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attacks
+import bench
 import fedredefense as fr
 import fl
 
@@ -88,7 +89,7 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
     errors, learned, iterations = fr.reconstruct(model, w, updates[:3], k, torch.full((3,), 6), hp)
     assert iterations.tolist() == [7, 7, 7]
     for i, k_i in enumerate(k.unstack()):
-        e_plain, k_plain = fr.plain_reconstruction(fl.TextbookCNN(1, 8), w, updates[i], k_i, 6, hp)
+        e_plain, k_plain = bench.plain_reconstruction(bench.TextbookCNN(1, 8), w, updates[i], k_i, 6, hp)
         assert errors[i].item() == pytest.approx(e_plain.item(), rel=1e-4)
         for fast, plain in zip((learned.images[i], learned.label_logits[i], learned.alpha[i]),
                                (k_plain.images, k_plain.label_logits, k_plain.alpha)):
