@@ -39,7 +39,7 @@ def files(tmp_path_factory):
     read_only.mkdir(mode=0o555)
     ro = next((str(p) for p in (read_only, "/proc/sys") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(grid, "plot", fake_plot)
+        m.setattr(run, "plot", fake_plot)
         run.main(shlex.split(TINY) + ["--defense", "median", "--out", str(base / "run")])
     (base / "unfinished").mkdir()
     shutil.copy(base / "run" / run.CHECKPOINT, base / "unfinished")
@@ -58,7 +58,8 @@ def snapshot(*roots):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")}
 
 
-MAINS = {"run.py": run.main, "feddefuse.py": feddefuse.main, "bench.py": bench.main}
+# python run.py: grid.main for a grid or --summarize (run.py hands them over), run.main for one run
+MAINS = {"run.py": grid.main, "feddefuse.py": feddefuse.main, "bench.py": bench.main}
 BAD = [("run.py", argv, named) for argv, named in [
     # every flag: a wrong type, a value out of range, a combination that does not hold
     ("--dataset svhn", "--dataset"), ("--data-dir {file}", "--data-dir"),
@@ -153,7 +154,7 @@ def test_summarize_reads_finished_runs_and_grids_only_and_writes_into_grids_only
     shutil.copytree(files["unfinished"], runs / "unfinished")
     (runs / "notes.txt").write_text("a note\n")
     before = snapshot(runs / "run", runs / "unfinished")
-    assert run.main(["--summarize", *map(str, sorted(runs.iterdir()))]) is None
+    assert grid.main(["--summarize", *map(str, sorted(runs.iterdir()))]) is None
     out, err = capsys.readouterr()
     assert "| digits | median | none | I |" in out and "# grid" in out and "| median | " in out
     assert err.count("\n") == 2 and "skipped" in err and "notes.txt" in err and "unfinished run" in err
@@ -168,14 +169,14 @@ def test_a_run_interrupted_while_plotting_is_not_done_until_rerun(files, tmp_pat
     config = run.config_of(run.parse_args(argv))
     def interrupted(results, path):
         raise KeyboardInterrupt
-    monkeypatch.setattr(grid, "plot", interrupted)
+    monkeypatch.setattr(run, "plot", interrupted)
     with pytest.raises(SystemExit) as exit_:
         run.main(argv)
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "run.py: interrupted after round 2 of 2; rerun the same command to resume\n"
     assert sorted(os.listdir(tmp_path / "run")) == [run.CHECKPOINT] and not grid.is_complete(str(tmp_path / "run"),
                                                                                             config)
-    monkeypatch.setattr(grid, "plot", fake_plot)
+    monkeypatch.setattr(run, "plot", fake_plot)
     run.main(argv)
     assert "resuming" in capsys.readouterr().out and grid.is_complete(str(tmp_path / "run"), config)
     os.remove(tmp_path / "run" / "results.png")
@@ -204,7 +205,7 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes(tmp_path, m
     done = len(run.load_checkpoint(str(out), "cpu")["rounds"])
     assert err == f"run.py: interrupted after round {done} of 4; rerun the same command to resume\n"
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(grid, "plot", fake_plot)
+    monkeypatch.setattr(run, "plot", fake_plot)
     run.main(argv)
     assert f"resuming {out} after round {done}" in capsys.readouterr().out and (out / "results.json").exists()
 
