@@ -830,7 +830,7 @@ def main(argv=None):
     its checkpoint stands."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with fl.command_line("run.py"):
-        if for_grid(argv):  # ``python run.py`` hands these to grid.py before it gets here; a caller in Python, not
+        if for_grid(argv):  # from Python only: ``python run.py`` hands these to grid.py at the top of this file
             raise fl.UserError("a grid, --table or --summarize is grid.py's command line (call grid.main)")
         args = parse_args(argv)
         if args.resume:

@@ -1,6 +1,6 @@
-"""The command lines of run.py, grid.py, feddefuse.py and bench.py: a bad flag, path or file is one line on stderr and exit code
-2, with nothing written; Ctrl-C stops a run or a grid in one line, exit code 130, and nothing unfinished counts as
-done; --summarize reads finished runs and grids only. (fedredefense.py has no command line.)"""
+"""The command lines of run.py, grid.py, feddefuse.py and bench.py: a bad flag, path or file is one line on stderr
+and exit code 2, with nothing written; Ctrl-C stops a run or a grid in one line, exit code 130, and nothing
+unfinished counts as done; --summarize reads finished runs and grids only. (fedredefense.py has no command line.)"""
 import os
 import shlex
 import shutil
