@@ -466,8 +466,9 @@ def load_file(path, what, fix, looks_right, **kw):
 
 
 def check_folder(flag, path, writable=True):
-    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) in
-    a place this process may not write to."""
+    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) one
+    this process may not write to or create. A folder still to be made is made and removed again, the only test of
+    a parent that refuses it (/proc, a full or read-only disk, even for root)."""
     if not path:
         raise UserError(f"argument {flag}: must name a folder")
     existing = os.path.abspath(path)
@@ -477,13 +478,28 @@ def check_folder(flag, path, writable=True):
         raise UserError(f"argument {flag}: {existing} is a file, not a folder (give a folder)")
     if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
+    if not writable or existing == os.path.abspath(path):
+        return
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"argument {flag}: cannot create {path} ({e.strerror or e}); give a folder where files can "
+                        f"be written") from None
+    finally:  # the folders made, deepest first, up to the one that was there
+        made = os.path.abspath(path)
+        while made != existing:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+            made = os.path.dirname(made)
 
 
 def write_atomically(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
-    system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the file."""
+    """Write through a temporary file and rename, so a crash never leaves a half-written result behind; the folder is
+    made if need be. A write the system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the
+    file."""
     tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:

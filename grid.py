@@ -132,7 +132,6 @@ def record_error(out, error):
         if os.path.exists(path):
             os.remove(path)
         return
-    os.makedirs(out, exist_ok=True)
     fl.write_text(path, error + "\n")
 
 

@@ -610,7 +610,6 @@ def run(args, checkpoint=None):
         "version": code_version(),
     }
     if args.save_replay and args.defense == "feddefuse":
-        os.makedirs(args.out, exist_ok=True)
         fl.write_atomically(os.path.join(args.out, "replay.pt"), lambda tmp: torch.save(defense.replay, tmp))
     return results
 
@@ -635,7 +634,6 @@ def progress_line(r, total, seconds_per_round):
 def save_checkpoint(out, state):
     """After every round: all the next round depends on (global model, the defense with its state, the RNG
     states, the rounds so far), written atomically, so a run killed at any moment resumes from its last round."""
-    os.makedirs(out, exist_ok=True)
     fl.write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
 
@@ -714,7 +712,6 @@ def save(results, out):
     """results.json and results.png in ``out``. The rates in results.json (TACC, ASR, DACC, FPR, FNR, ADACC, AFPR,
     AFNR, MR, per round and final) are fractions in [0, 1], where the console and the plot print percent; AAR is in
     rounds; reconstruction errors and R are as the defense computes them."""
-    os.makedirs(out, exist_ok=True)
     fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: plot(results, tmp))
     # results.json last: a folder that holds it holds every output
     fl.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))

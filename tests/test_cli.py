@@ -110,6 +110,9 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("replay {replay} --dbscan-eps 0", "--dbscan-eps"), ("replay {replay} --dbscan-eps nan", "--dbscan-eps"),
     ("replay {replay} --dbscan-min-samples 0", "--dbscan-min-samples"), ("replay {replay} --rule max", "--rule"),
 ]] + [("bench.py", "tpu", "device"), ("bench.py", "cpu cuda", "unrecognized")] + (
+    # --out under a parent that cannot hold a folder, whoever runs it (root too): refused before round 1
+    [("run.py", "--out /proc/nope/x", "cannot create"), ("run.py", "--seed 0,1 --out /proc/nope/x", "cannot create")]
+    if os.path.isdir("/proc/self") else []) + (
     [] if torch.cuda.is_available() else [("run.py", "--device cuda", "--device"), ("bench.py", "cuda", "CUDA")])
 
 
