@@ -20,7 +20,7 @@ try:  # Ctrl-C while torch loads: one line, as everywhere else
     import fedredefense as fr
     import fl
 except KeyboardInterrupt:
-    if __name__ != "__main__":
+    if __name__ != "__main__":  # imported: the importer says it
         raise
     sys.stderr.write("bench.py: interrupted\n")
     sys.exit(130)

@@ -30,7 +30,7 @@ try:  # Ctrl-C while torch loads (seconds): one line, as everywhere else
     import fl
     import run
 except KeyboardInterrupt:
-    if __name__ != "__main__":
+    if __name__ != "__main__":  # imported: the importer says it
         raise
     sys.stderr.write("run.py: interrupted\n")
     sys.exit(130)

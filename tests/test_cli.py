@@ -227,3 +227,31 @@ def test_ctrl_c_stops_a_grid_starts_no_other_cell_and_writes_the_summary(tmp_pat
     assert log.read_text().splitlines()[-1].startswith("run.py: interrupted after round ")
     assert sorted(os.listdir(root)) == ["attack-none", "grid.json", "summary.csv", "summary.md"]
     assert sorted(os.listdir(root / "attack-none")) == [run.CHECKPOINT, "log.txt"]
+
+
+def loaded(pid, library):
+    """Whether the process ``pid`` has mapped ``library`` into its memory (Linux's /proc/PID/maps)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches the process load torch in /proc/PID/maps")
+@pytest.mark.parametrize("prog, argv, says", [
+    ("run.py", ["--rounds", "1", "--out", "run"], "run.py"),
+    ("run.py", ["--seed", "0,1", "--rounds", "1", "--out", "grid"], "run.py"),  # grid.py by then, the same process
+    ("bench.py", [], "bench.py"),
+    ("feddefuse.py", ["diagnose", "replay.pt"], "feddefuse.py"),
+])
+def test_ctrl_c_while_torch_loads_is_one_line_exit_code_130_and_nothing_written(prog, argv, says, tmp_path):
+    """Ctrl-C in a command's first seconds, while it loads torch: "PROG: interrupted" on stderr, exit code 130."""
+    process = subprocess.Popen([sys.executable, str(ROOT / prog), *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not loaded(process.pid, "libtorch") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", f"{says}: interrupted\n")
+    assert os.listdir(tmp_path) == []
