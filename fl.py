@@ -444,7 +444,7 @@ def command_line(prog):
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as e:
         end_progress()
-        sys.stderr.write(f"{prog}: {e or 'interrupted'}\n")
+        sys.stderr.write(f"{prog}: {str(e) or 'interrupted'}\n")
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as the Python docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -135,10 +135,29 @@ def record_error(out, error):
     fl.write_text(path, error + "\n")
 
 
+def stop(processes):
+    """Stop the running cells after a Ctrl-C; each keeps its checkpoint. A terminal's Ctrl-C reached them too, and
+    one that has not stopped within 3 s gets its own. A second Ctrl-C stops them at once (SIGKILL: a checkpoint is
+    written atomically), and from then on Ctrl-C is ignored, until the caller restores it."""
+    try:
+        for process in processes:
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
+                process.wait()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def run_grid(argv):
     """Expand comma-separated values (and ``--table``) into cells, run the missing ones ``--jobs`` at a time, and
     write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed. Ctrl-C stops the
-    running cells (they keep their checkpoints) and starts no other, then writes the summary of the cells done."""
+    running cells (they keep their checkpoints; ``stop``) and starts no other, then writes the summary of the cells
+    done, whatever further Ctrl-C comes."""
     axes, options = run.split_grid_argv(argv)
     table = options.get("--table")
     if table == "list":
@@ -210,13 +229,13 @@ def run_grid(argv):
                 outcome = f"FAILED, {error}" if error else run.format_final(finished_run(out)["final"])
                 print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
     except KeyboardInterrupt:
-        for process in running.values():  # a terminal's Ctrl-C reached the cells too; else they get one now
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGINT)
-                process.wait()
-        write_summary(root)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            stop(running.values())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C waits for the summary
+            write_summary(root)
+        finally:
+            signal.signal(signal.SIGINT, handler)
         raise fl.Interrupted(f"interrupted after {done} of the {len(pending)} cells to run: {len(running)} stopped, "
                              f"{len(waiting)} not started; wrote {os.path.join(root, 'summary.md')}; rerun the same "
                              f"command to run the rest") from None

@@ -255,3 +255,27 @@ def test_ctrl_c_while_torch_loads_is_one_line_exit_code_130_and_nothing_written(
     out, err = process.communicate(timeout=60)
     assert (process.returncode, out, err) == (130, "", f"{says}: interrupted\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_second_ctrl_c_while_a_grid_stops_kills_its_cells_and_still_writes_the_summary(tmp_path):
+    """Ctrl-C to the grid alone (its cell does not get it, so the grid waits 3 s before passing it on), then a second
+    one while it waits: the cell is killed at once (its log ends without its own interrupted line, its checkpoint
+    kept), and the grid still writes the summary and exits 130 in one line."""
+    root = tmp_path / "grid"
+    log = root / "attack-none" / "log.txt"
+    argv = ["--defense", "median", "--attack", "none,fang", "--clients", "6", "--malicious", "2", "--rounds", "30",
+            "--jobs", "1", "--out", str(root)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while "round   1/" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1, err
+    assert err.startswith("run.py: interrupted after 0 of the 2 cells to run: 1 stopped, 1 not started; wrote ")
+    assert "interrupted" not in log.read_text() and "Traceback" not in out + err + log.read_text()
+    assert sorted(os.listdir(root)) == ["attack-none", "grid.json", "summary.csv", "summary.md"]
+    assert sorted(os.listdir(root / "attack-none")) == [run.CHECKPOINT, "log.txt"]
