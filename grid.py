@@ -79,15 +79,33 @@ def paper_table(name, dataset, scale="laptop"):
 
 
 def grid_cells(axes, root):
-    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary."""
+    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary, the argv
+    without the flags the cell's run does not read (``read_flags_only``)."""
     cells = []
     for combo in itertools.product(*(values for _, values in axes)):
         varying = [f"{flag[2:]}-{value}" for (flag, values), value in zip(axes, combo) if len(values) > 1]
         name = "_".join(varying) or "cell"
         argv = [token for (flag, _), value in zip(axes, combo) for token in ([flag] if value is None else
                                                                            [flag, value])]
-        cells.append((name, argv + ["--out", os.path.join(root, name)]))
+        cells.append((name, read_flags_only(argv + ["--out", os.path.join(root, name)])))
     return cells
+
+
+def read_flags_only(argv):
+    """A cell's command line without the flags its run does not read (``run.READ_BY``), which ``run.py`` would
+    refuse: a table's --root-size 500 reaches its FLTrust cells alone. An invalid cell's stays whole, for its
+    error."""
+    try:
+        unread = {f"--{key.replace('_', '-')}" for key in run.unread(vars(run.parse_args(argv, refuse_unread=False)))}
+    except fl.UserError:
+        return argv
+    kept, i = [], 0
+    while i < len(argv):
+        width = 1 if argv[i] in run.SWITCHES else 2  # a switch, or a flag and its value
+        if argv[i] not in unread:
+            kept += argv[i:i + width]
+        i += width
+    return kept
 
 
 def parse_cell(argv):
@@ -184,6 +202,12 @@ def run_grid(argv):
     root = options.get("--out") or os.path.join("runs", table or "grid")
     fl.check_folder("--out", root)
     cells = grid_cells(axes, root)
+    user_flags = [flag for flag, _ in run.split_grid_argv(argv)[0]]
+    unread = [flag for flag in user_flags if not any(flag in cell_argv for _, cell_argv in cells)]
+    if unread:  # the user's, not a table's: run.py refuses it too
+        key = unread[0][2:].replace("-", "_")
+        raise fl.UserError(f"argument {unread[0]}: must be left out: only {run.READ_BY[key][0]} reads it, and no "
+                           f"cell of this grid does")
     pending, invalid = [], {}
     for name, cell_argv in cells:
         config, error = parse_cell(cell_argv)

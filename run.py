@@ -135,6 +135,24 @@ PAPER_CLIENTS = 100  # the paper's client size is 1/100 of the training set
 TRAIN_SIZE = {"digits": 1347, "mnist": 60000, "fmnist": 60000, "cifar10": 50000, "cinic10": 90000}
 CLASSES = 10  # of every dataset here
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
+# The flags that only some runs read, and which runs (a test on a run's config). A run that does not read such a
+# flag refuses it rather than ignore it; a grid passes it only to its cells that read it (a table's --root-size 500
+# goes to FLTrust alone); two configs that differ only in a setting neither run reads are the same run (same_run).
+READ_BY = {
+    "assumed_malicious": ("--defense krum, multikrum or trmean",
+                          lambda c: c["defense"] in ("krum", "multikrum", "trmean")),
+    "norm_bound": ("--defense normbound, or fedredefense with --aggregate normbound",
+                   lambda c: c["defense"] == "normbound" or (c["defense"], c.get("aggregate")) == ("fedredefense",
+                                                                                                  "normbound")),
+    "aggregate": ("--defense fedredefense", lambda c: c["defense"] == "fedredefense"),
+    "root_size": ("--defense fltrust", lambda c: c["defense"] == "fltrust"),
+    "attack_rounds": ("--pattern II", lambda c: c["pattern"] == "II"),
+    "attack_prob": ("--pattern III", lambda c: c["pattern"] == "III"),
+    "signflip_k": ("--attack signflip", lambda c: c["attack"] == "signflip"),
+    "max_malicious_share": ("--sampling capped or attackers-first (FedDefuse's protocol)",
+                            lambda c: c.get("sampling", "uniform") != "uniform"),
+    "save_replay": ("--defense feddefuse", lambda c: c["defense"] == "feddefuse"),
+}
 CHECKPOINT = "checkpoint.pt"
 OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run writes in --out
 
@@ -143,9 +161,10 @@ OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run
 # Command line
 # -----------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def parse_args(argv=None, refuse_unread=True):
     """The run's settings: the flags, checked, with the defaults of its dataset, scale and protocol filled in. A bad
-    flag, value or combination, or an --out or --data-dir that cannot be one, is a ``fl.UserError``."""
+    flag, value or combination, a flag the run does not read (``READ_BY``; kept with ``refuse_unread=False``), or an
+    --out or --data-dir that cannot be one, is a ``fl.UserError``."""
     p = fl.Parser(prog="run.py", allow_abbrev=False,  # a grid tells its own flags from a cell's by their full names
                   description="Reconstruction-based defenses against model poisoning in federated learning.")
     p.add_argument("--dataset", choices=data.DATASETS, default="digits")
@@ -283,8 +302,6 @@ def parse_args(argv=None):
         (args.attack_rounds >= 0, "--attack-rounds", "an integer >= 0", args.attack_rounds),
         (0 <= args.attack_prob <= 1, "--attack-prob", "a number in [0, 1]", args.attack_prob),
         (args.signflip_k >= 0, "--signflip-k", "a number >= 0", args.signflip_k),
-        ("signflip_k" not in given or args.attack == "signflip", "--signflip-k",
-         "left out: only --attack signflip reads it", args.signflip_k),
         (0 <= args.seed < 2 ** 32, "--seed", f"an integer in [0, {2 ** 32 - 1}]", args.seed),
         (args.device != "cuda" or torch.cuda.is_available(), "--device", "auto or cpu (no CUDA device here)",
          args.device),
@@ -292,6 +309,9 @@ def parse_args(argv=None):
     for ok, flag, allowed, value in checks:
         if not ok:
             p.error(f"argument {flag}: must be {allowed} (got {value})")
+    for key in sorted(unread(vars(args)) & set(given)) if refuse_unread else ():
+        p.error(f"argument --{key.replace('_', '-')}: must be left out: only {READ_BY[key][0]} reads it "
+                f"(got {getattr(args, key)})")
     if args.attack == "lie":
         most = min(args.malicious, args.participants if args.sampling == "uniform" else
                    max_attackers(args.participants, args.max_malicious_share))
@@ -307,6 +327,11 @@ def parse_args(argv=None):
     fl.check_folder("--out", args.out)
     fl.check_folder("--data-dir", args.data_dir, writable=args.download)
     return args
+
+
+def unread(config):
+    """The settings of ``READ_BY`` that the run of ``config`` does not read."""
+    return {key for key, (_, reads) in READ_BY.items() if not reads(config)}
 
 
 def is_number(text, at_least):
@@ -654,9 +679,13 @@ NOT_COMPARED = ("out", "data_dir", "download", "rounds")
 
 
 def same_run(config, other):
-    """Two configs describe the same run, up to ``NOT_COMPARED``."""
-    strip = lambda c: {k: v for k, v in c.items() if k not in NOT_COMPARED}
-    return strip(config) == strip(other)
+    """Two configs describe the same run, up to ``NOT_COMPARED`` and the settings neither run reads (``READ_BY``)."""
+    return compared(config) == compared(other)
+
+
+def compared(config):
+    """The settings that make ``config``'s run what it is: all but ``NOT_COMPARED`` and those it does not read."""
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED and k not in unread(config)}
 
 
 def previous_run(args):
@@ -674,9 +703,9 @@ def previous_run(args):
                                f"--rounds {done} or more)")
         return checkpoint
     if not args.overwrite:
-        changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
-                            for k in sorted(config_of(args))
-                            if k not in NOT_COMPARED and found.get(k) != getattr(args, k))
+        there, here = compared(found), compared(config_of(args))
+        changed = ", ".join(f"--{k.replace('_', '-')} {there.get(k)} there, {here.get(k)} here"
+                            for k in sorted(there.keys() | here.keys()) if there.get(k) != here.get(k))
         raise fl.UserError(f"argument --out: {args.out} holds another run's results ({changed}); give --overwrite to "
                            f"replace them, or another --out")
     for name in OUTPUTS:

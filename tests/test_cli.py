@@ -84,6 +84,11 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("--attack signflip --signflip-k inf", "--signflip-k"), ("--signflip-k 0", "--signflip-k"),
     ("--seed -1", "--seed"), ("--seed 4294967296", "--seed"), ("--seed 0.5", "--seed"), ("--device tpu", "--device"),
     ("--save-replay=1", "--save-replay"), ("--overwrite=1", "--overwrite"), ("--no-such-flag", "--no-such-flag"),
+    # a flag the run does not read (run.READ_BY): refused, in a grid where no cell reads it
+    ("--defense median --root-size 500", "--defense fltrust reads it"), ("--save-replay", "--defense feddefuse"),
+    ("--attack-rounds 5", "--pattern II"), ("--defense krum --norm-bound 3", "--norm-bound"),
+    ("--aggregate normbound --defense fedavg", "--aggregate"), ("--max-malicious-share 0.5", "--sampling capped"),
+    ("--defense median,krum --root-size 500", "no cell of this grid"),
     ("--jo 2", "--jo"),
     # --out: a file, inside a file, not writable, no name; another run's results; more rounds than asked
     ("--out {file}", "--out"), ("--out {file}/run", "--out"), ("--out {ro}/run", "--out"), ("--out ''", "--out"),

@@ -127,3 +127,21 @@ def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
             for m in ("oracle", "median")]
     assert grid.summary_table(runs[:1], ["tacc"], "tacc")[2].startswith("| normbound (oracle M) | ")
     assert grid.summary_table(runs[1:], ["tacc"], "tacc")[2].startswith("| normbound | ")
+
+
+def test_a_table_passes_a_flag_only_to_the_cells_that_read_it_and_finished_cells_made_with_it_stay_done(tmp_path):
+    """FedREDefense Table 2's --root-size 500 and --norm-bound oracle reach only FLTrust's and Norm bound's cells
+    (run.py refuses a flag its run does not read); a cell whose results.json records such a flag that it does not
+    read (made before a grid passed them to the cells that read them alone) is the same run, so it stays done."""
+    _, _, flags = grid.paper_table("fedredefense-2", "digits")
+    cells = dict(grid.grid_cells(list(flags.items()), str(tmp_path)))
+    has = lambda cell, flag: flag in cells[f"defense-{cell}_attack-fang"]
+    assert has("fltrust", "--root-size") and not any(has(d, "--root-size") for d in ("median", "normbound"))
+    assert has("normbound", "--norm-bound") and not any(has(d, "--norm-bound") for d in ("fltrust", "fedredefense"))
+    config = grid.parse_cell(cells["defense-median_attack-fang"])[0]
+    assert run.same_run({**config, "root_size": 500, "norm_bound": "oracle"}, config)
+    fltrust = grid.parse_cell(cells["defense-fltrust_attack-fang"])[0]
+    assert fltrust["root_size"] == 500 and not run.same_run({**fltrust, "root_size": 100}, fltrust)
+    _, _, flags = grid.paper_table("feddefuse-2", "digits")
+    cells = grid.grid_cells(list(flags.items()), str(tmp_path))
+    assert all(("--attack-rounds" in argv) == ("II" in argv) for _, argv in cells)
