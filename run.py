@@ -322,11 +322,26 @@ def parse_args(argv=None, refuse_unread=True):
         scale = "" if args.dataset == "digits" else f"-{args.scale}"
         named = ("dataset", "scale", "defense", "attack", "pattern", "seed", "data_dir", "download", "overwrite")
         rest = "".join(f"_{k.replace('_', '-')}-{getattr(args, k)}" for k in given if k not in named)
-        args.out = os.path.join(
-            "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}{rest}")
+        main_settings = os.path.join(
+            "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
+        args.out = main_settings + rest
+        # Runs started while the default --out named the main settings alone live there: this same run, found
+        # there and not under the longer name, continues there rather than afresh.
+        if rest and holds_run(main_settings, args) and not holds_run(args.out):
+            args.out = main_settings
     fl.check_folder("--out", args.out)
     fl.check_folder("--data-dir", args.data_dir, writable=args.download)
     return args
+
+
+def holds_run(out, args=None):
+    """Whether the folder ``out`` holds a run's checkpoint or results.json; with ``args``, those of this same run."""
+    try:
+        checkpoint = load_checkpoint(out, "cpu", mmap=True)
+    except fl.UserError:  # damaged: whoever uses the folder names it
+        return args is None
+    found = checkpoint["config"] if checkpoint else results_config(out)
+    return found is not None and (args is None or same_run(found, config_of(args)))
 
 
 def unread(config):

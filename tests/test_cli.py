@@ -153,6 +153,21 @@ def test_the_default_out_names_every_setting_given_but_where_the_data_is():
     assert len({out(""), out("--clients 10"), out("--rounds 5"), out("--beta 0.5")}) == 4
 
 
+def test_a_run_in_the_folder_of_its_main_settings_alone_is_found_there(files, tmp_path, monkeypatch):
+    """Runs started while the default --out named the main settings alone (runs/digits-median-none-I-s0 for TINY)
+    are where the same command, with more rounds too, continues; another run there, or this run already under the
+    full name, is not."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "runs" / "digits-median-none-I-s0"
+    shutil.copytree(files["run"], old)
+    out = lambda argv: run.parse_args(shlex.split(f"{TINY} --defense median {argv}")).out
+    assert out("") == out("--rounds 3") == os.path.join("runs", "digits-median-none-I-s0")
+    full = os.path.join("runs", "digits-median-none-I-s0_clients-8_malicious-2_rounds-2")
+    assert out("--clients 8") == full
+    shutil.copytree(files["run"], tmp_path / "runs" / "digits-median-none-I-s0_clients-6_malicious-2_rounds-2")
+    assert out("") == os.path.join("runs", "digits-median-none-I-s0_clients-6_malicious-2_rounds-2")
+
+
 def test_summarize_reads_finished_runs_and_grids_only_and_writes_into_grids_only(files, tmp_path, capsys):
     """``--summarize runs/*`` over a finished run, a grid, an unfinished run and a stray file: the run's row and
     the grid's summary are printed, the other two named on stderr, and only the grid's folder is written to."""
