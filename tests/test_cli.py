@@ -299,3 +299,11 @@ def test_a_second_ctrl_c_while_a_grid_stops_kills_its_cells_and_still_writes_the
     assert "interrupted" not in log.read_text() and "Traceback" not in out + err + log.read_text()
     assert sorted(os.listdir(root)) == ["attack-none", "grid.json", "summary.csv", "summary.md"]
     assert sorted(os.listdir(root / "attack-none")) == [run.CHECKPOINT, "log.txt"]
+
+
+def test_a_bare_ctrl_c_says_interrupted(capsys):
+    """A Ctrl-C that no command turned into its own message is "PROG: interrupted", never an empty "PROG: "."""
+    with pytest.raises(SystemExit) as exit_:
+        with fl.command_line("prog.py"):
+            raise KeyboardInterrupt
+    assert exit_.value.code == 130 and capsys.readouterr().err == "prog.py: interrupted\n"
