@@ -25,17 +25,24 @@ The server runs a divide-and-compute pipeline on every round's updates ``[n_clie
 """
 import dataclasses
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-import pywt
-import threadpoolctl
-import torch
-from sklearn.cluster import DBSCAN, KMeans
+try:  # Ctrl-C while torch loads, under ``python feddefuse.py``: one line, as everywhere else
+    import numpy as np
+    import pywt
+    import threadpoolctl
+    import torch
+    from sklearn.cluster import DBSCAN, KMeans
 
-import fl
-from fedredefense import Knowledge, reconstruction_error, simulated_updates, soft_cross_entropy
+    import fl
+    from fedredefense import Knowledge, reconstruction_error, simulated_updates, soft_cross_entropy
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported: the importer says it
+        raise
+    sys.stderr.write("feddefuse.py: interrupted\n")
+    sys.exit(130)
 
 
 @dataclass(frozen=True)

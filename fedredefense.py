@@ -147,7 +147,7 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
 
 def clients_per_batch(n_params, device):
     """How many clients one vmapped evaluation holds at most. On a CPU, batching pays while the layers are small
-    and loses once the arithmetic dominates (measured with ``python fl.py``), so a CPU batch holds at most 2M
+    and loses once the arithmetic dominates (measured with ``python bench.py``), so a CPU batch holds at most 2M
     parameters (14 clients of the FashionMNIST CNN, one of the CIFAR CNN). A GPU takes a whole round at once (not
     measured)."""
     return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
@@ -257,27 +257,3 @@ class FedREDefense:
         """
         copy = {client: self.knowledge[client]} if client in self.knowledge else {}
         return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
-
-
-def plain_reconstruction(model, w0, g, knowledge, iters, hp):
-    """The reference ``python fl.py`` measures ``reconstruct`` against: Algorithm 2 for one client, written the plain
-    way the official code writes it (one flat parameter vector, as its ReparamModule; N unrolled steps of
-    torch.autograd.grad(create_graph=True); one backward of e), for ``iters`` outer SGD steps without early stop.
-    Returns (e of the final K, the final K)."""
-    params = [t.clone().requires_grad_(True) for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
-    velocity = [torch.zeros_like(p) for p in params]
-    for m in range(iters + 1):
-        images, label_logits, alpha = params
-        w_hat = w_hat_0 = w0.clone().requires_grad_(True)
-        for _ in range(hp.inner_steps):
-            loss = soft_cross_entropy(fl.functional_forward(model, w_hat, images), label_logits)
-            (grad,) = torch.autograd.grad(loss, w_hat, create_graph=True)
-            w_hat = w_hat - alpha * grad
-        e = reconstruction_error(w_hat - w_hat_0, g)
-        if m == iters:
-            return e.detach(), Knowledge(*(p.detach() for p in params))
-        grads = torch.autograd.grad(e, params)
-        with torch.no_grad():
-            for p, v, grad, lr in zip(params, velocity, grads, (hp.lr_images, hp.lr_labels, hp.lr_alpha)):
-                v.mul_(hp.momentum).add_(grad)
-                p -= lr * v

@@ -197,7 +197,7 @@ def local_steps(n_samples, epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Speed: where the work runs, never what it computes. Measured with ``python fl.py`` (RESULTS.md, "Speed").
+# Speed: where the work runs, never what it computes. Measured with ``python bench.py`` (RESULTS.md, "Speed").
 # ---------------------------------------------------------------------------------------------------------------
 # - On a CPU, independent jobs (clients, test batches) run one per core, each on one thread with its own copy of
 #   the model: at a batch of 32 one client's convolutions cannot keep two cores busy (FashionMNIST CNN: 9.1 ms a
@@ -433,7 +433,7 @@ def end_progress():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command lines (run.py, feddefuse.py, this file's benchmark): what the user can get wrong ends in one line,
+# Command lines (run.py, grid.py, feddefuse.py, bench.py): what the user can get wrong ends in one line,
 # and what they write is never left half-written
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -474,7 +474,7 @@ def command_line(prog):
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as e:
         end_progress()
-        sys.stderr.write(f"{prog}: {e or 'interrupted'}\n")
+        sys.stderr.write(f"{prog}: {str(e) or 'interrupted'}\n")
         sys.exit(130)
     except BrokenPipeError:  # the reader of stdout went away (| head): stop quietly, as the Python docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -496,8 +496,9 @@ def load_file(path, what, fix, looks_right, **kw):
 
 
 def check_folder(flag, path, writable=True):
-    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) in
-    a place this process may not write to."""
+    """Refuse, before any work, a folder that cannot be one: no name, a file, inside a file, or (``writable``) one
+    this process may not write to or create. A folder still to be made is made and removed again, the only test of
+    a parent that refuses it (/proc, a full or read-only disk, even for root)."""
     if not path:
         raise UserError(f"argument {flag}: must name a folder")
     existing = os.path.abspath(path)
@@ -507,13 +508,28 @@ def check_folder(flag, path, writable=True):
         raise UserError(f"argument {flag}: {existing} is a file, not a folder (give a folder)")
     if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"argument {flag}: {existing} is not writable (give a folder where files can be written)")
+    if not writable or existing == os.path.abspath(path):
+        return
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"argument {flag}: cannot create {path} ({e.strerror or e}); give a folder where files can "
+                        f"be written") from None
+    finally:  # the folders made, deepest first, up to the one that was there
+        made = os.path.abspath(path)
+        while made != existing:
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+            made = os.path.dirname(made)
 
 
 def write_atomically(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written result behind. A write the
-    system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the file."""
+    """Write through a temporary file and rename, so a crash never leaves a half-written result behind; the folder is
+    made if need be. A write the system refuses (a full disk, a folder made read-only) is a ``UserError`` naming the
+    file."""
     tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
@@ -529,147 +545,3 @@ def write_text(path, text):
         with open(tmp, "w") as f:
             f.write(text)
     write_atomically(path, write)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark: ``python fl.py [cpu|cuda]``, the project against the plain per-client loop, side by side
-# ---------------------------------------------------------------------------------------------------------------
-
-class TextbookCNN(CNN):
-    """``CNN`` as Table 5 writes it, ReLU before each pooling: the plain loop's model (same parameters)."""
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-def plain_fedavg_round(model, w, parts, x, y, x_test, y_test, lr):
-    """A FedAvg round written the obvious way: NCHW, one client after another, ``torch.optim.SGD`` (App. A.5),
-    then the test accuracy in batches of 500. Returns (the new global model, TACC)."""
-    updates = []
-    for i, idx in enumerate(parts):
-        load_params(model, w)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        for batch in torch.randperm(len(idx), generator=torch.Generator().manual_seed(i)).split(BATCH_SIZE):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[idx[batch]]), y[idx[batch]]).backward()
-            optimizer.step()
-        updates.append(flatten_params(model) - w)
-    w = w + torch.stack(updates).mean(0)
-    load_params(model, w)
-    with torch.no_grad():
-        tacc = torch.cat([model(xb).argmax(1) for xb in x_test.split(500)]).eq(y_test).float().mean().item()
-    return w, tacc
-
-
-def fedavg_round(model, w, parts, x, y, x_test, y_test, lr):
-    """The same round as ``run.py`` computes it (``on_cores``, ``in_fast_format``'s layout, ``predict``)."""
-    updates = on_cores(lambda m, i: local_update(m, w, x[parts[i]], y[parts[i]], lr,
-                                                 torch.Generator().manual_seed(i)), list(range(len(parts))), model)
-    w = w + fedavg(torch.stack(updates))
-    return w, accuracy(model, w, x_test, y_test)
-
-
-def seconds(fn, device, repeat=1):
-    """Wall-clock seconds of ``fn()``, the mean of ``repeat`` calls (after the GPU has finished)."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeat
-
-
-# Outer iterations per client that a FashionMNIST FedREDefense run takes (measured on the laptop-scale runs,
-# RESULTS.md: 600 images a client, beta = 0.1, gamma = 0.6): a genuine client's first reconstruction, a crafted
-# update's (the cap, 5000 + 1), and a genuine client's in a later round.
-FMNIST_ITERATIONS = {"first": 95, "crafted": 5001, "later": 5.1}
-
-
-def benchmark(device="cpu"):
-    """Prints, for the plain per-client loop and for the project on ``device``, with their ratio: a FedAvg round on
-    FashionMNIST at 100 clients; ``reconstruct`` on the CNNs of Tables 5 and 6 and the digits CNN at 1, 10 and 25
-    clients (client outer iterations per second, the early stop disabled); FedDefuse's recoverability for 20
-    clients on its MLP. Then the projected time of a paper-scale FashionMNIST FedREDefense run (100 clients of
-    which 28 malicious, 500 rounds) from the measured FedAvg round and reconstruction rate."""
-    import dataclasses as dc
-
-    import data
-    import feddefuse
-    import fedredefense as fr
-
-    print(f"{device}, {cores(device)} core(s) for the project; the plain loop on torch's {torch.get_num_threads()} "
-          f"threads")
-    ds = data.load_dataset("fmnist", "data")  # one line and exit 2 if FashionMNIST is not installed
-    parts = [torch.as_tensor(p) for p in data.dirichlet_partition(ds.y_train, 100, 0.1, seed=0)]
-    x, y, x_test, y_test = (t.to(device) for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
-    plain_model = TextbookCNN(1, 28).to(device)
-    model, x_fast, x_test_fast = in_fast_format(CNN(1, 28).to(device), x, x_test)
-    w = flatten_params(model)
-    plain = seconds(lambda: plain_fedavg_round(plain_model, w, parts, x, y, x_test, y_test, LOCAL_LR["fmnist"]),
-                    device)
-    fast = seconds(lambda: fedavg_round(model, w, parts, x_fast, y, x_test_fast, y_test, LOCAL_LR["fmnist"]),
-                   device)
-    print(f"FedAvg round, FashionMNIST, 100 clients: project {fast:5.1f} s, plain loop {plain:5.1f} s, "
-          f"ratio {plain / fast:4.2f}", flush=True)
-    fedavg_seconds = fast
-
-    print("reconstruct (client outer iterations/s):")
-    iters, rate = 4, {}
-    for channels, side, dataset in ((1, 28, "fmnist"), (3, 32, "cifar10"), (1, 8, "digits")):
-        hp = dc.replace(fr.HYPER[dataset], first_iters=iters, max_iters=iters, gamma=0.0)
-        model, plain_model = CNN(channels, side).to(device), TextbookCNN(channels, side).to(device)
-        w = flatten_params(model)
-        k0 = fr.initial_knowledge((channels, side, side), 10, hp, torch.Generator().manual_seed(0), device)
-        for n in (1, 10, 25):
-            g = 1e-3 * torch.randn(n, len(w), generator=torch.Generator().manual_seed(1)).to(device)
-            k = fr.Knowledge.stack([k0] * n)
-            fr.reconstruct(model, w, g, k, torch.full((n,), 1), hp)  # warm-up
-            fast = n * (iters + 1) / seconds(lambda: fr.reconstruct(model, w, g, k, torch.full((n,), iters), hp),
-                                             device)
-            plain = n * (iters + 1) / seconds(lambda: [fr.plain_reconstruction(plain_model, w, g[i], k0, iters, hp)
-                                                       for i in range(n)], device)
-            rate[dataset, n] = fast
-            print(f"  {channels}x{side:>2}x{side:<2} CNN ({len(w):>9,} parameters), {n:>2} clients: project "
-                  f"{fast:6.1f}, plain loop {plain:6.1f}, ratio {fast / plain:4.2f}", flush=True)
-
-    hp, n = feddefuse.HYPER["fmnist"], 20
-    model = MLP(1, 28).to(device)
-    w = flatten_params(model)
-    g = 1e-3 * torch.randn(n, len(w), generator=torch.Generator().manual_seed(1)).to(device)
-    start = fr.Knowledge(torch.randn(n, hp.n_samples, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(device),
-                         torch.zeros(n, hp.n_samples, 10, device=device), torch.full((n,), hp.lr_init, device=device))
-    one = lambda i: fr.Knowledge(*(t[i:i + 1] for t in (start.images, start.label_logits, start.alpha)))
-    fast = seconds(lambda: feddefuse.recoverability(model, w, g, start, start, hp), device)
-    plain = seconds(lambda: [feddefuse.recoverability(model, w, g[i:i + 1], one(i), one(i), hp) for i in range(n)],
-                    device)
-    print(f"FedDefuse recoverability, MLP, {n} clients (K = {hp.outer_iters}): project {fast:5.2f} s, per-client "
-          f"loop {plain:5.2f} s, ratio {plain / fast:4.2f}", flush=True)
-
-    # Paper scale under attack: round 1 reconstructs 72 genuine and 28 crafted updates from K^0, and expels the 28;
-    # every later round trains and reconstructs the 72 (a 100-client FedAvg round is an upper bound on the first).
-    it, r = FMNIST_ITERATIONS, rate["fmnist", 25]
-    first = fedavg_seconds + (72 * it["first"] + 28 * it["crafted"]) / r
-    later = fedavg_seconds + 72 * it["later"] / r
-    print(f"Projected paper-scale FashionMNIST FedREDefense run (100 clients, 28 malicious, 500 rounds): round 1 "
-          f"{first / 60:.0f} min, later rounds {later:.0f} s, {(first + 499 * later) / 3600:.1f} h in all "
-          f"(from the FedAvg round above, reconstruct at {r:.1f} client iterations/s, and {it})")
-
-
-def main(argv=None):
-    """``python fl.py [cpu|cuda]``: ``benchmark`` on the device."""
-    p = Parser(prog="fl.py", description="The project against plain per-client loops, and a projected paper-scale "
-                                         "FashionMNIST FedREDefense run (needs FashionMNIST, README).")
-    p.add_argument("device", nargs="?", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
-    with command_line("fl.py"):
-        args = p.parse_args(argv)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("argument device: there is no CUDA device here (give cpu)")
-        benchmark(args.device)
-
-
-if __name__ == "__main__":
-    import fl  # this file as the module data.py imports, whose UserError a DataError is (not __main__'s copy)
-    fl.main()

@@ -7,9 +7,11 @@
 Any flag of ``run.py`` given comma-separated values is an axis; every combination is a *cell*, one ``python
 run.py`` process in its own folder under ``--out``, ``--jobs`` at a time. A cell is done when its results.json
 (written last) holds its configuration, so rerunning a grid runs only what is missing. ``summary.md`` holds the
-table in the paper's layout, ``summary.csv`` one row per cell. This module also draws a run's results.png.
-``run.py`` calls ``is_grid``, ``run_grid``, ``summarize``, ``plot`` and the one-line formats of a run
-(``threat_model``, ``scale_of``, ``format_final``); this module calls ``run.parse_args`` to read a cell's settings.
+table in the paper's layout, ``summary.csv`` one row per cell.
+
+This module sits above ``run.py``: it reads a cell's settings with ``run.parse_args`` and prints a run the way
+``run.py`` does (``run.format_final``, ``run.threat_model``); ``run.py`` never imports it. ``python run.py`` with a
+grid's command line or --summarize (``run.for_grid``) becomes ``python grid.py`` with the same arguments.
 """
 import csv
 import itertools
@@ -22,18 +24,21 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+try:  # Ctrl-C while torch loads (seconds): one line, as everywhere else
+    import numpy as np
 
-import fedredefense
-import fl
-import run
+    import fl
+    import run
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported: the importer says it
+        raise
+    sys.stderr.write("run.py: interrupted\n")
+    sys.exit(130)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Grids: a whole table in one command, each cell one `python run.py` in its own process
 # -----------------------------------------------------------------------------------------------------------------
 
-GRID_FLAGS = ("--table", "--jobs", "--print-commands")  # the grid's own flags, never passed to a cell
-SWITCHES = ("--download", "--save-replay", "--overwrite", "--print-commands")  # flags that take no value
 # What a summary cell shows, per layout: FedREDefense Table 2 (TACC, /ASR), FedDefuse Tables 1 and 3
 # (TACC / DACC / MR, /ASR; DACC is the per-round ADACC), FedREDefense Table 1 (DACC / FPR / FNR, AAR).
 LAYOUTS = {"tacc": ("tacc",), "feddefuse": ("tacc", "adacc", "mr"), "detection": ("dacc", "fpr", "fnr", "aar")}
@@ -73,35 +78,34 @@ def paper_table(name, dataset, scale="laptop"):
     return tables.get(name)
 
 
-def split_grid_argv(argv):
-    """``argv`` as ([(flag, [values])], options): a value "a,b,c" is an axis of three values, a switch has the
-    single value None; the grid's own flags and ``--out`` go to ``options``."""
-    axes, options, i = [], {}, 0
-    while i < len(argv):
-        flag, value = argv[i], None
-        if "=" in flag:
-            flag, value = flag.split("=", 1)
-        elif flag not in SWITCHES and i + 1 < len(argv):
-            i += 1
-            value = argv[i]
-        i += 1
-        if flag in GRID_FLAGS + ("--out",):
-            options[flag] = True if flag == "--print-commands" else value
-        else:
-            axes.append((flag, [None] if value is None else value.split(",")))
-    return axes, options
-
-
 def grid_cells(axes, root):
-    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary."""
+    """Every combination of the axes' values: [(name, argv)], the name made of the values that vary, the argv
+    without the flags the cell's run does not read (``read_flags_only``)."""
     cells = []
     for combo in itertools.product(*(values for _, values in axes)):
         varying = [f"{flag[2:]}-{value}" for (flag, values), value in zip(axes, combo) if len(values) > 1]
         name = "_".join(varying) or "cell"
         argv = [token for (flag, _), value in zip(axes, combo) for token in ([flag] if value is None else
                                                                            [flag, value])]
-        cells.append((name, argv + ["--out", os.path.join(root, name)]))
+        cells.append((name, read_flags_only(argv + ["--out", os.path.join(root, name)])))
     return cells
+
+
+def read_flags_only(argv):
+    """A cell's command line without the flags its run does not read (``run.READ_BY``), which ``run.py`` would
+    refuse: a table's --root-size 500 reaches its FLTrust cells alone. An invalid cell's stays whole, for its
+    error."""
+    try:
+        unread = {f"--{key.replace('_', '-')}" for key in run.unread(vars(run.parse_args(argv, refuse_unread=False)))}
+    except fl.UserError:
+        return argv
+    kept, i = [], 0
+    while i < len(argv):
+        width = 1 if argv[i] in run.SWITCHES else 2  # a switch, or a flag and its value
+        if argv[i] not in unread:
+            kept += argv[i:i + width]
+        i += width
+    return kept
 
 
 def parse_cell(argv):
@@ -146,15 +150,33 @@ def record_error(out, error):
         if os.path.exists(path):
             os.remove(path)
         return
-    os.makedirs(out, exist_ok=True)
     fl.write_text(path, error + "\n")
+
+
+def stop(processes):
+    """Stop the running cells after a Ctrl-C; each keeps its checkpoint. A terminal's Ctrl-C reached them too, and
+    one that has not stopped within 3 s gets its own. A second Ctrl-C stops them at once (SIGKILL: a checkpoint is
+    written atomically), and from then on Ctrl-C is ignored, until the caller restores it."""
+    try:
+        for process in processes:
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
+                process.wait()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def run_grid(argv):
     """Expand comma-separated values (and ``--table``) into cells, run the missing ones ``--jobs`` at a time, and
     write ``summary.md`` and ``summary.csv`` under ``--out``. Exit code 1 if any cell failed. Ctrl-C stops the
-    running cells (they keep their checkpoints) and starts no other, then writes the summary of the cells done."""
-    axes, options = split_grid_argv(argv)
+    running cells (they keep their checkpoints; ``stop``) and starts no other, then writes the summary of the cells
+    done, whatever further Ctrl-C comes."""
+    axes, options = run.split_grid_argv(argv)
     table = options.get("--table")
     if table == "list":
         for name in ("fedredefense-1", "fedredefense-2", "feddefuse-1", "feddefuse-2"):
@@ -180,6 +202,12 @@ def run_grid(argv):
     root = options.get("--out") or os.path.join("runs", table or "grid")
     fl.check_folder("--out", root)
     cells = grid_cells(axes, root)
+    user_flags = [flag for flag, _ in run.split_grid_argv(argv)[0]]
+    unread = [flag for flag in user_flags if not any(flag in cell_argv for _, cell_argv in cells)]
+    if unread:  # the user's, not a table's: run.py refuses it too
+        key = unread[0][2:].replace("-", "_")
+        raise fl.UserError(f"argument {unread[0]}: must be left out: only {run.READ_BY[key][0]} reads it, and no "
+                           f"cell of this grid does")
     pending, invalid = [], {}
     for name, cell_argv in cells:
         config, error = parse_cell(cell_argv)
@@ -222,16 +250,16 @@ def run_grid(argv):
                     record_error(out, error)
                     failed[name] = error
                 eta = (time.time() - start) / done * (len(pending) - done) / 60
-                outcome = f"FAILED, {error}" if error else format_final(finished_run(out)["final"])
+                outcome = f"FAILED, {error}" if error else run.format_final(finished_run(out)["final"])
                 print(f"[{done}/{len(pending)}] {name}: {outcome}  (ETA {eta:.1f} min)", flush=True)
     except KeyboardInterrupt:
-        for process in running.values():  # a terminal's Ctrl-C reached the cells too; else they get one now
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGINT)
-                process.wait()
-        write_summary(root)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            stop(running.values())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C waits for the summary
+            write_summary(root)
+        finally:
+            signal.signal(signal.SIGINT, handler)
         raise fl.Interrupted(f"interrupted after {done} of the {len(pending)} cells to run: {len(running)} stopped, "
                              f"{len(waiting)} not started; wrote {os.path.join(root, 'summary.md')}; rerun the same "
                              f"command to run the rest") from None
@@ -239,36 +267,6 @@ def run_grid(argv):
     print(f"wrote {os.path.join(root, 'summary.md')} and summary.csv" +
           (f"; {len(failed)} cell(s) failed" if failed else ""))
     return 1 if failed else 0
-
-
-def threat_model(config):
-    """One line naming the threat model a run used, for its progress output and every summary table."""
-    c = config if isinstance(config, dict) else vars(config)
-    return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
-
-
-def scale_of(config):
-    """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
-    c = config if isinstance(config, dict) else vars(config)
-    images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
-    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
-
-
-def pct(v):
-    """A rate (a fraction in results.json) as the console and the tables print it: percent, or "-"."""
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def rounds_text(v):
-    """AAR (rounds) as the console and the tables print it."""
-    return "-" if v is None else f"{v:.2f}"
-
-
-def format_final(final):
-    """A run's final row on one line (the end of a run, and each cell of a grid as it finishes)."""
-    return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
-            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {rounds_text(final['aar'])}  "
-            f"ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
 
 
 def mean_std(values, percent=True):
@@ -347,8 +345,8 @@ def write_summary(root):
     metrics = LAYOUTS[layout]
 
     lines = [f"# {grid['title']}", ""] + ([f"Made by `{grid['command']}`.", ""] if "command" in grid else [])
-    lines += [f"Threat model: {'; '.join(sorted({threat_model(c) for c in configs}))}. "
-              f"Scale: {'; '.join(sorted({scale_of(c) for c in configs}))}. "
+    lines += [f"Threat model: {'; '.join(sorted({run.threat_model(c) for c in configs}))}. "
+              f"Scale: {'; '.join(sorted({run.scale_of(c) for c in configs}))}. "
               f"Cells: {' / '.join(LABELS[m] for m in metrics)}{' (/ASR)' if layout != 'detection' else ''}, "
               f"{'% (AAR in rounds)' if 'aar' in metrics else '%'}; "
               f"mean ± std over seeds where there are several." if configs else "No cell has finished yet.", ""]
@@ -372,14 +370,6 @@ def write_summary(root):
             writer.writeheader()
             writer.writerows(rows)
     fl.write_atomically(os.path.join(root, "summary.csv"), dump)
-
-
-def is_grid(argv):
-    """A grid run: --table, or a comma-separated value of any flag (--summarize's paths aside)."""
-    if "--summarize" in argv:
-        return False
-    axes, options = split_grid_argv(argv)
-    return "--table" in options or any(len(values) > 1 for _, values in axes)
 
 
 def summarize(paths):
@@ -442,11 +432,11 @@ def print_runs(runs):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         c, f = r["config"], r["final"]
-        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {threat_model(c)} | "
-              f"{scale_of(c)} | {pct(f['tacc'])} | "
-              f"{pct(f['asr'])} | {pct(f['dacc'])} | {pct(f['fpr'])} | {pct(f['fnr'])} | "
-              f"{rounds_text(f['aar'])} | "
-              f"{pct(f['adacc'])} | {pct(f['mr'])} | {pct(f['mr_zero_rounds'])} |")
+        print(f"| {c['dataset']} | {c['defense']} | {c['attack']} | {c['pattern']} | {run.threat_model(c)} | "
+              f"{run.scale_of(c)} | {run.pct(f['tacc'])} | "
+              f"{run.pct(f['asr'])} | {run.pct(f['dacc'])} | {run.pct(f['fpr'])} | {run.pct(f['fnr'])} | "
+              f"{run.rounds_text(f['aar'])} | "
+              f"{run.pct(f['adacc'])} | {run.pct(f['mr'])} | {run.pct(f['mr_zero_rounds'])} |")
     with_errors = [r for r in runs if any(x["errors"] for x in r["rounds"])]
     if not with_errors:
         return
@@ -461,57 +451,18 @@ def print_runs(runs):
         print(f"| {c['defense']} vs {c['attack']} ({c['dataset']}) | {stat(split[False])} | {stat(split[True])} |")
 
 
-def plot(results, path):
-    """results.png, per round: TACC (and ASR); each update's reconstruction error e with FedREDefense's threshold
-    gamma, or FedDefuse's recoverability R; DACC over the participants (its mean is ADACC); MR (its mean is MR).
-    A panel whose metric the defense does not compute says n/a and why. Returns the figure."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+def main(argv=None):
+    """The command line of many runs, the one ``python run.py`` hands over (``run.for_grid``): a grid (``run_grid``)
+    or --summarize (``summarize``); any other is one run's (``run.main``). Messages name run.py, the command the
+    user typed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not run.for_grid(argv):
+        return run.main(argv)
+    with fl.command_line("run.py"):
+        if run.summarizes(argv):
+            return summarize(run.parse_args(argv).summarize)  # parse_args: --summarize takes no other flag
+        return run_grid(argv)
 
-    rounds, c = results["rounds"], results["config"]
-    t = [r["round"] for r in rounds]
-    series = lambda key: [float("nan") if r[key] is None else 100 * r[key] for r in rounds]
 
-    def n_a(ax, why):  # no data: say so, with no scale to read
-        ax.text(0.5, 0.5, f"n/a: {why}", transform=ax.transAxes, ha="center", va="center")
-        ax.set_yticks([])
-
-    fig = Figure(figsize=(11, 7), layout="tight")
-    (acc, err), (dacc, mr) = axes = fig.subplots(2, 2)
-    acc.plot(t, series("tacc"), label="TACC")
-    if rounds[0]["asr"] is not None:
-        acc.plot(t, series("asr"), label="ASR")
-    acc.set(title="Global model", ylabel="%")
-    acc.legend()
-
-    err.set(**({"title": "Recoverability R per update", "ylabel": "R"} if c["defense"] == "feddefuse"
-               else {"title": "Reconstruction error e per update", "ylabel": "e"}))
-    for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
-        pts = [(r["round"], e) for r in rounds for k, e in (r["errors"] or {}).items()
-               if (int(k) in r["attacking"]) == attacking]
-        if pts:
-            err.scatter(*zip(*pts), s=8, color=color, alpha=0.6, label=label)
-    if c["defense"] == "fedredefense":  # it flags e > gamma
-        gamma = fedredefense.HYPER[c["dataset"]].gamma
-        err.axhline(gamma, color="black", linestyle="--", label=f"γ = {gamma:g}")
-    if err.has_data():
-        err.set_yscale("log")
-        err.legend()
-    else:
-        n_a(err, f"{c['defense']} reconstructs no updates")
-
-    for ax, key, title, color in ((dacc, "dacc", "Per-round DACC (mean = ADACC)", "tab:blue"),
-                                  (mr, "mr", "Per-round MR (mean = MR)", "tab:red")):
-        ax.set(title=title, ylabel="%")
-        if any(r[key] is not None for r in rounds):
-            ax.plot(t, series(key), color=color)
-        else:
-            n_a(ax, f"{c['defense']} does not label clients")
-    for ax in axes.flat:
-        ax.set(xlabel="round", xlim=(0.5, len(rounds) + 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax is not err:
-            ax.set_ylim(-5, 105)  # a line at 0 or 100 stays off the frame
-    fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")
-    fig.savefig(path, format="png", dpi=100)
-    return fig
+if __name__ == "__main__":
+    sys.exit(main())

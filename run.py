@@ -1,9 +1,12 @@
-"""Command line and the federated round loop.
+"""One run: its command line, the federated round loop, and its outputs (results.json, results.png, the final line).
 
     python run.py                                          # FedREDefense vs the Fang attack on digits
     python run.py --defense feddefuse --attack scaling     # FedDefuse vs a backdoor
     python run.py --summarize runs/*                       # tables from earlier runs' results.json
     python run.py --table feddefuse-1 --jobs 2             # a paper's table as a grid of runs
+
+A grid's command line (--table, comma-separated values) and --summarize belong to grid.py, which sits above this
+file: ``python run.py`` hands them over to it (``for_grid``).
 
 One round (FedREDefense Algorithm 1, with FedDefuse's strategic participation, sec. 2.2 and App. B.1):
   1. the server samples the round's participants among the clients it has not expelled (--sampling);
@@ -24,6 +27,54 @@ import subprocess
 import sys
 import time
 
+# -----------------------------------------------------------------------------------------------------------------
+# The command line's shape, read before torch loads: a grid or --summarize is grid.py's
+# -----------------------------------------------------------------------------------------------------------------
+
+GRID_FLAGS = ("--table", "--jobs", "--print-commands")  # the grid's own flags, never passed to a cell
+SWITCHES = ("--download", "--save-replay", "--overwrite", "--print-commands")  # flags that take no value
+
+
+def split_grid_argv(argv):
+    """``argv`` as ([(flag, [values])], options): a value "a,b,c" is an axis of three values, a switch has the
+    single value None; the grid's own flags and ``--out`` go to ``options``."""
+    axes, options, i = [], {}, 0
+    while i < len(argv):
+        flag, value = argv[i], None
+        if "=" in flag:
+            flag, value = flag.split("=", 1)
+        elif flag not in SWITCHES and i + 1 < len(argv):
+            i += 1
+            value = argv[i]
+        i += 1
+        if flag in GRID_FLAGS + ("--out",):
+            options[flag] = True if flag == "--print-commands" else value
+        else:
+            axes.append((flag, [None] if value is None else value.split(",")))
+    return axes, options
+
+
+def summarizes(argv):
+    """Whether a command line asks for --summarize."""
+    return any(token == "--summarize" or token.startswith("--summarize=") for token in argv)
+
+
+def for_grid(argv):
+    """Whether a command line is grid.py's: many runs (--table, or a comma-separated value of any flag but --out) or
+    their tables (--summarize)."""
+    if summarizes(argv):
+        return True
+    axes, options = split_grid_argv(argv)
+    return "--table" in options or any(len(values) > 1 for _, values in axes)
+
+
+# grid.py sits above this file (it runs many of these runs), so this file never imports it: ``python run.py`` with a
+# grid's command line becomes ``python grid.py`` with the same arguments, in this same process (its id, its
+# terminal, its exit code), before torch loads here.
+if __name__ == "__main__" and for_grid(sys.argv[1:]):
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "grid.py"),
+                              *sys.argv[1:]])
+
 
 def cores_in_use():
     """Whether another thread is runnable as this process starts (Linux's /proc/loadavg; elsewhere: unknown, no)."""
@@ -41,16 +92,21 @@ SHARED_CORES = "OMP_WAIT_POLICY" not in os.environ and cores_in_use()
 if SHARED_CORES:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-import numpy as np  # after the OpenMP setting
-import torch
+try:  # Ctrl-C while torch loads (seconds): one line, as everywhere else
+    import numpy as np  # after the OpenMP setting
+    import torch
 
-import attacks
-import baselines
-import data
-import fedredefense
-import feddefuse
-import fl
-import grid
+    import attacks
+    import baselines
+    import data
+    import fedredefense
+    import feddefuse
+    import fl
+except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported: the importer says it
+        raise
+    sys.stderr.write("run.py: interrupted\n")
+    sys.exit(130)
 
 DEFENSES = ("fedavg", "oracle") + baselines.ROBUST + baselines.DETECTION + ("fedredefense", "feddefuse")
 PATTERNS = ("I", "II", "III")
@@ -79,6 +135,25 @@ PAPER_CLIENTS = 100  # the paper's client size is 1/100 of the training set
 TRAIN_SIZE = {"digits": 1347, "mnist": 60000, "fmnist": 60000, "cifar10": 50000, "cinic10": 90000}
 CLASSES = 10  # of every dataset here
 MALICIOUS_SHARE = 0.28  # 28 of 100 clients (FedREDefense sec. 5.1.4)
+# The flags that only some runs read, and which runs (a test on a run's config). A run that does not read such a
+# flag refuses it rather than ignore it; a grid passes it only to its cells that read it (a table's --root-size 500
+# goes to FLTrust alone); two configs that differ only in a setting neither run reads are the same run (same_run).
+READ_BY = {
+    "assumed_malicious": ("--defense krum, multikrum or trmean",
+                          lambda c: c["defense"] in ("krum", "multikrum", "trmean")),
+    "norm_bound": ("--defense normbound, or fedredefense with --aggregate normbound",
+                   lambda c: c["defense"] == "normbound" or (c["defense"], c.get("aggregate")) == ("fedredefense",
+                                                                                                  "normbound")),
+    "aggregate": ("--defense fedredefense", lambda c: c["defense"] == "fedredefense"),
+    "root_size": ("--defense fltrust", lambda c: c["defense"] == "fltrust"),
+    "attack_rounds": ("--pattern II", lambda c: c["pattern"] == "II"),
+    "attack_prob": ("--pattern III", lambda c: c["pattern"] == "III"),
+    "signflip_k": ("--attack signflip", lambda c: c["attack"] == "signflip"),
+    "max_malicious_share": ("--sampling capped or attackers-first (FedDefuse's protocol)",
+                            lambda c: c.get("sampling", "uniform") != "uniform"),
+    "save_replay": ("--defense feddefuse", lambda c: c["defense"] == "feddefuse"),
+    "fedredefense_settings": ("--defense fedredefense", lambda c: c["defense"] == "fedredefense"),
+}
 CHECKPOINT = "checkpoint.pt"
 OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run writes in --out
 
@@ -87,9 +162,10 @@ OUTPUTS = ("results.json", "results.png", CHECKPOINT, "replay.pt")  # what a run
 # Command line
 # -----------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def parse_args(argv=None, refuse_unread=True):
     """The run's settings: the flags, checked, with the defaults of its dataset, scale and protocol filled in. A bad
-    flag, value or combination, or an --out or --data-dir that cannot be one, is a ``fl.UserError``."""
+    flag, value or combination, a flag the run does not read (``READ_BY``; kept with ``refuse_unread=False``), or an
+    --out or --data-dir that cannot be one, is a ``fl.UserError``."""
     p = fl.Parser(prog="run.py", allow_abbrev=False,  # a grid tells its own flags from a cell's by their full names
                   description="Reconstruction-based defenses against model poisoning in federated learning.")
     p.add_argument("--dataset", choices=data.DATASETS, default="digits")
@@ -235,8 +311,6 @@ def parse_args(argv=None):
         (args.attack_rounds >= 0, "--attack-rounds", "an integer >= 0", args.attack_rounds),
         (0 <= args.attack_prob <= 1, "--attack-prob", "a number in [0, 1]", args.attack_prob),
         (args.signflip_k >= 0, "--signflip-k", "a number >= 0", args.signflip_k),
-        ("signflip_k" not in given or args.attack == "signflip", "--signflip-k",
-         "left out: only --attack signflip reads it", args.signflip_k),
         (0 <= args.seed < 2 ** 32, "--seed", f"an integer in [0, {2 ** 32 - 1}]", args.seed),
         (args.device != "cuda" or torch.cuda.is_available(), "--device", "auto or cpu (no CUDA device here)",
          args.device),
@@ -244,6 +318,9 @@ def parse_args(argv=None):
     for ok, flag, allowed, value in checks:
         if not ok:
             p.error(f"argument {flag}: must be {allowed} (got {value})")
+    for key in sorted(unread(vars(args)) & set(given)) if refuse_unread else ():
+        p.error(f"argument --{key.replace('_', '-')}: must be left out: only {READ_BY[key][0]} reads it "
+                f"(got {getattr(args, key)})")
     if args.attack == "lie":
         most = min(args.malicious, args.participants if args.sampling == "uniform" else
                    max_attackers(args.participants, args.max_malicious_share))
@@ -254,11 +331,31 @@ def parse_args(argv=None):
         scale = "" if args.dataset == "digits" else f"-{args.scale}"
         named = ("dataset", "scale", "defense", "attack", "pattern", "seed", "data_dir", "download", "overwrite")
         rest = "".join(f"_{k.replace('_', '-')}-{getattr(args, k)}" for k in given if k not in named)
-        args.out = os.path.join(
-            "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}{rest}")
+        main_settings = os.path.join(
+            "runs", f"{args.dataset}{scale}-{args.defense}-{args.attack}-{args.pattern}-s{args.seed}")
+        args.out = main_settings + rest
+        # Runs started while the default --out named the main settings alone live there: this same run, found
+        # there and not under the longer name, continues there rather than afresh.
+        if rest and holds_run(main_settings, args) and not holds_run(args.out):
+            args.out = main_settings
     fl.check_folder("--out", args.out)
     fl.check_folder("--data-dir", args.data_dir, writable=args.download)
     return args
+
+
+def holds_run(out, args=None):
+    """Whether the folder ``out`` holds a run's checkpoint or results.json; with ``args``, those of this same run."""
+    try:
+        checkpoint = load_checkpoint(out, "cpu", mmap=True)
+    except fl.UserError:  # damaged: whoever uses the folder names it
+        return args is None
+    found = checkpoint["config"] if checkpoint else results_config(out)
+    return found is not None and (args is None or same_run(found, config_of(args)))
+
+
+def unread(config):
+    """The settings of ``READ_BY`` that the run of ``config`` does not read."""
+    return {key for key, (_, reads) in READ_BY.items() if not reads(config)}
 
 
 def is_number(text, at_least):
@@ -460,7 +557,7 @@ def run(args, checkpoint=None):
         start -= checkpoint["seconds"]
         print(f"resuming {args.out} after round {len(rounds)}", flush=True)
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
-    print(f"threat model: {grid.threat_model(args)}; {grid.scale_of(args)}", flush=True)
+    print(f"threat model: {threat_model(args)}; {scale_of(args)}", flush=True)
     if SHARED_CORES:
         print("other work is using the cores: this run's threads sleep while they wait, which is slower than on "
               "idle cores (run several settings as one grid, with --jobs, rather than side by side)", flush=True)
@@ -562,7 +659,6 @@ def run(args, checkpoint=None):
         "version": code_version(),
     }
     if args.save_replay and args.defense == "feddefuse":
-        os.makedirs(args.out, exist_ok=True)
         fl.write_atomically(os.path.join(args.out, "replay.pt"), lambda tmp: torch.save(defense.replay, tmp))
     return results
 
@@ -587,7 +683,6 @@ def progress_line(r, total, seconds_per_round):
 def save_checkpoint(out, state):
     """After every round: all the next round depends on (global model, the defense with its state, the RNG
     states, the rounds so far), written atomically, so a run killed at any moment resumes from its last round."""
-    os.makedirs(out, exist_ok=True)
     fl.write_atomically(os.path.join(out, CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
 
@@ -610,9 +705,15 @@ UNRECORDED = {"fedredefense_settings": "paper"}
 
 
 def same_run(config, other):
-    """Two configs describe the same run, up to ``NOT_COMPARED`` (a setting missing from one is ``UNRECORDED``'s)."""
-    strip = lambda c: {k: v for k, v in {**UNRECORDED, **c}.items() if k not in NOT_COMPARED}
-    return strip(config) == strip(other)
+    """Two configs describe the same run, up to ``NOT_COMPARED`` and the settings neither run reads (``READ_BY``)."""
+    return compared(config) == compared(other)
+
+
+def compared(config):
+    """The settings that make ``config``'s run what it is: all but ``NOT_COMPARED`` and those it does not read; a
+    setting its results.json predates takes its ``UNRECORDED`` value."""
+    config = {**UNRECORDED, **config}
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED and k not in unread(config)}
 
 
 def previous_run(args):
@@ -630,10 +731,9 @@ def previous_run(args):
                                f"--rounds {done} or more)")
         return checkpoint
     if not args.overwrite:
-        found = {**UNRECORDED, **found}
-        changed = ", ".join(f"--{k.replace('_', '-')} {found.get(k)} there, {getattr(args, k)} here"
-                            for k in sorted(config_of(args))
-                            if k not in NOT_COMPARED and found.get(k) != getattr(args, k))
+        there, here = compared(found), compared(config_of(args))
+        changed = ", ".join(f"--{k.replace('_', '-')} {there.get(k)} there, {here.get(k)} here"
+                            for k in sorted(there.keys() | here.keys()) if there.get(k) != here.get(k))
         raise fl.UserError(f"argument --out: {args.out} holds another run's results ({changed}); give --overwrite to "
                            f"replace them, or another --out")
     for name in OUTPUTS:
@@ -669,8 +769,7 @@ def save(results, out):
     """results.json and results.png in ``out``. The rates in results.json (TACC, ASR, DACC, FPR, FNR, ADACC, AFPR,
     AFNR, MR, per round and final) are fractions in [0, 1], where the console and the plot print percent; AAR is in
     rounds; reconstruction errors and R are as the defense computes them."""
-    os.makedirs(out, exist_ok=True)
-    fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: grid.plot(results, tmp))
+    fl.write_atomically(os.path.join(out, "results.png"), lambda tmp: plot(results, tmp))
     # results.json last: a folder that holds it holds every output
     fl.write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
 
@@ -693,16 +792,101 @@ def config_of(args):
             if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
 
 
+def threat_model(config):
+    """One line naming the threat model a run used, for its progress output and every summary table."""
+    c = config if isinstance(config, dict) else vars(config)
+    return f"{c['protocol']} (sampling {c['sampling']}, {c['knowledge']} knowledge, {c['model']})"
+
+
+def scale_of(config):
+    """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
+    c = config if isinstance(config, dict) else vars(config)
+    images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
+    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
+
+
+def pct(v):
+    """A rate (a fraction in results.json) as the console and the tables print it: percent, or "-"."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def rounds_text(v):
+    """AAR (rounds) as the console and the tables print it."""
+    return "-" if v is None else f"{v:.2f}"
+
+
+def format_final(final):
+    """A run's final row on one line (the end of a run, and each cell of a grid as it finishes)."""
+    return (f"TACC {pct(final['tacc'])}  ASR {pct(final['asr'])}  DACC {pct(final['dacc'])}  "
+            f"FPR {pct(final['fpr'])}  FNR {pct(final['fnr'])}  AAR {rounds_text(final['aar'])}  "
+            f"ADACC {pct(final['adacc'])}  MR {pct(final['mr'])}")
+
+
+def plot(results, path):
+    """results.png, per round: TACC (and ASR); each update's reconstruction error e with FedREDefense's threshold
+    gamma, or FedDefuse's recoverability R; DACC over the participants (its mean is ADACC); MR (its mean is MR).
+    A panel whose metric the defense does not compute says n/a and why. Returns the figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rounds, c = results["rounds"], results["config"]
+    t = [r["round"] for r in rounds]
+    series = lambda key: [float("nan") if r[key] is None else 100 * r[key] for r in rounds]
+
+    def n_a(ax, why):  # no data: say so, with no scale to read
+        ax.text(0.5, 0.5, f"n/a: {why}", transform=ax.transAxes, ha="center", va="center")
+        ax.set_yticks([])
+
+    fig = Figure(figsize=(11, 7), layout="tight")
+    (acc, err), (dacc, mr) = axes = fig.subplots(2, 2)
+    acc.plot(t, series("tacc"), label="TACC")
+    if rounds[0]["asr"] is not None:
+        acc.plot(t, series("asr"), label="ASR")
+    acc.set(title="Global model", ylabel="%")
+    acc.legend()
+
+    err.set(**({"title": "Recoverability R per update", "ylabel": "R"} if c["defense"] == "feddefuse"
+               else {"title": "Reconstruction error e per update", "ylabel": "e"}))
+    for label, color, attacking in (("benign", "tab:blue", False), ("attacking", "tab:red", True)):
+        pts = [(r["round"], e) for r in rounds for k, e in (r["errors"] or {}).items()
+               if (int(k) in r["attacking"]) == attacking]
+        if pts:
+            err.scatter(*zip(*pts), s=8, color=color, alpha=0.6, label=label)
+    if c["defense"] == "fedredefense":  # it flags e > gamma
+        gamma = fedredefense.HYPER[c["dataset"]].gamma
+        err.axhline(gamma, color="black", linestyle="--", label=f"γ = {gamma:g}")
+    if err.has_data():
+        err.set_yscale("log")
+        err.legend()
+    else:
+        n_a(err, f"{c['defense']} reconstructs no updates")
+
+    for ax, key, title, color in ((dacc, "dacc", "Per-round DACC (mean = ADACC)", "tab:blue"),
+                                  (mr, "mr", "Per-round MR (mean = MR)", "tab:red")):
+        ax.set(title=title, ylabel="%")
+        if any(r[key] is not None for r in rounds):
+            ax.plot(t, series(key), color=color)
+        else:
+            n_a(ax, f"{c['defense']} does not label clients")
+    for ax in axes.flat:
+        ax.set(xlabel="round", xlim=(0.5, len(rounds) + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is not err:
+            ax.set_ylim(-5, 105)  # a line at 0 or 100 stays off the frame
+    fig.suptitle(f"{c['dataset']}: {c['defense']} vs {c['attack']} (pattern {c['pattern']})")
+    fig.savefig(path, format="png", dpi=100)
+    return fig
+
+
 def main(argv=None):
-    """The command line (see the top of this file). What the user can get wrong or interrupt ends in one line
-    (``fl.command_line``); Ctrl-C during a run says where its checkpoint stands."""
+    """One run's command line (see the top of this file); a grid's or --summarize's (``for_grid``) is grid.main's.
+    What the user can get wrong or interrupt ends in one line (``fl.command_line``); Ctrl-C during a run says where
+    its checkpoint stands."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with fl.command_line("run.py"):
-        if grid.is_grid(argv):
-            return grid.run_grid(argv)
+        if for_grid(argv):  # from Python only: ``python run.py`` hands these to grid.py at the top of this file
+            raise fl.UserError("a grid, --table or --summarize is grid.py's command line (call grid.main)")
         args = parse_args(argv)
-        if args.summarize:
-            return grid.summarize(args.summarize)
         if args.resume:
             args = resumed_args(args.resume, args.rounds)
         checkpoint = previous_run(args)
@@ -713,7 +897,7 @@ def main(argv=None):
             saved = load_checkpoint(args.out, "cpu", mmap=True)
             raise fl.Interrupted(f"interrupted after round {len(saved['rounds']) if saved else 0} of {args.rounds}; "
                                  f"rerun the same command to resume") from None
-        print(grid.format_final(results["final"]))
+        print(format_final(results["final"]))
         print(f"wrote {os.path.join(args.out, 'results.json')} and results.png")
 
 

@@ -1,6 +1,6 @@
-"""The command lines of run.py, feddefuse.py and fl.py: a bad flag, path or file is one line on stderr and exit code
-2, with nothing written; Ctrl-C stops a run or a grid in one line, exit code 130, and nothing unfinished counts as
-done; --summarize reads finished runs and grids only. (fedredefense.py has no command line.)"""
+"""The command lines of run.py, grid.py, feddefuse.py and bench.py: a bad flag, path or file is one line on stderr
+and exit code 2, with nothing written; Ctrl-C stops a run or a grid in one line, exit code 130, and nothing
+unfinished counts as done; --summarize reads finished runs and grids only. (fedredefense.py has no command line.)"""
 import os
 import shlex
 import shutil
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import feddefuse
 import fl
 import grid
@@ -38,7 +39,7 @@ def files(tmp_path_factory):
     read_only.mkdir(mode=0o555)
     ro = next((str(p) for p in (read_only, "/proc/sys") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(grid, "plot", fake_plot)
+        m.setattr(run, "plot", fake_plot)
         run.main(shlex.split(TINY) + ["--defense", "median", "--out", str(base / "run")])
     (base / "unfinished").mkdir()
     shutil.copy(base / "run" / run.CHECKPOINT, base / "unfinished")
@@ -57,7 +58,8 @@ def snapshot(*roots):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")}
 
 
-MAINS = {"run.py": run.main, "feddefuse.py": feddefuse.main, "fl.py": fl.main}
+# python run.py: grid.main for a grid or --summarize (run.py hands them over), run.main for one run
+MAINS = {"run.py": grid.main, "feddefuse.py": feddefuse.main, "bench.py": bench.main}
 BAD = [("run.py", argv, named) for argv, named in [
     # every flag: a wrong type, a value out of range, a combination that does not hold
     ("--dataset svhn", "--dataset"), ("--data-dir {file}", "--data-dir"),
@@ -85,6 +87,11 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("--attack signflip --signflip-k inf", "--signflip-k"), ("--signflip-k 0", "--signflip-k"),
     ("--seed -1", "--seed"), ("--seed 4294967296", "--seed"), ("--seed 0.5", "--seed"), ("--device tpu", "--device"),
     ("--save-replay=1", "--save-replay"), ("--overwrite=1", "--overwrite"), ("--no-such-flag", "--no-such-flag"),
+    # a flag the run does not read (run.READ_BY): refused, in a grid where no cell reads it
+    ("--defense median --root-size 500", "--defense fltrust reads it"), ("--save-replay", "--defense feddefuse"),
+    ("--attack-rounds 5", "--pattern II"), ("--defense krum --norm-bound 3", "--norm-bound"),
+    ("--aggregate normbound --defense fedavg", "--aggregate"), ("--max-malicious-share 0.5", "--sampling capped"),
+    ("--defense median,krum --root-size 500", "no cell of this grid"),
     ("--jo 2", "--jo"),
     # --out: a file, inside a file, not writable, no name; another run's results; more rounds than asked
     ("--out {file}", "--out"), ("--out {file}/run", "--out"), ("--out {ro}/run", "--out"), ("--out ''", "--out"),
@@ -110,8 +117,11 @@ BAD = [("run.py", argv, named) for argv, named in [
     ("replay {replay} --n-representatives -1", "--n-representatives"),
     ("replay {replay} --dbscan-eps 0", "--dbscan-eps"), ("replay {replay} --dbscan-eps nan", "--dbscan-eps"),
     ("replay {replay} --dbscan-min-samples 0", "--dbscan-min-samples"), ("replay {replay} --rule max", "--rule"),
-]] + [("fl.py", "tpu", "device"), ("fl.py", "cpu cuda", "unrecognized")] + (
-    [] if torch.cuda.is_available() else [("run.py", "--device cuda", "--device"), ("fl.py", "cuda", "CUDA")])
+]] + [("bench.py", "tpu", "device"), ("bench.py", "cpu cuda", "unrecognized")] + (
+    # --out under a parent that cannot hold a folder, whoever runs it (root too): refused before round 1
+    [("run.py", "--out /proc/nope/x", "cannot create"), ("run.py", "--seed 0,1 --out /proc/nope/x", "cannot create")]
+    if os.path.isdir("/proc/self") else []) + (
+    [] if torch.cuda.is_available() else [("run.py", "--device cuda", "--device"), ("bench.py", "cuda", "CUDA")])
 
 
 @pytest.mark.parametrize("prog, argv, named", BAD)
@@ -146,6 +156,21 @@ def test_the_default_out_names_every_setting_given_but_where_the_data_is():
     assert len({out(""), out("--clients 10"), out("--rounds 5"), out("--beta 0.5")}) == 4
 
 
+def test_a_run_in_the_folder_of_its_main_settings_alone_is_found_there(files, tmp_path, monkeypatch):
+    """Runs started while the default --out named the main settings alone (runs/digits-median-none-I-s0 for TINY)
+    are where the same command, with more rounds too, continues; another run there, or this run already under the
+    full name, is not."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "runs" / "digits-median-none-I-s0"
+    shutil.copytree(files["run"], old)
+    out = lambda argv: run.parse_args(shlex.split(f"{TINY} --defense median {argv}")).out
+    assert out("") == out("--rounds 3") == os.path.join("runs", "digits-median-none-I-s0")
+    full = os.path.join("runs", "digits-median-none-I-s0_clients-8_malicious-2_rounds-2")
+    assert out("--clients 8") == full
+    shutil.copytree(files["run"], tmp_path / "runs" / "digits-median-none-I-s0_clients-6_malicious-2_rounds-2")
+    assert out("") == os.path.join("runs", "digits-median-none-I-s0_clients-6_malicious-2_rounds-2")
+
+
 def test_summarize_reads_finished_runs_and_grids_only_and_writes_into_grids_only(files, tmp_path, capsys):
     """``--summarize runs/*`` over a finished run, a grid, an unfinished run and a stray file: the run's row and
     the grid's summary are printed, the other two named on stderr, and only the grid's folder is written to."""
@@ -155,7 +180,7 @@ def test_summarize_reads_finished_runs_and_grids_only_and_writes_into_grids_only
     shutil.copytree(files["unfinished"], runs / "unfinished")
     (runs / "notes.txt").write_text("a note\n")
     before = snapshot(runs / "run", runs / "unfinished")
-    assert run.main(["--summarize", *map(str, sorted(runs.iterdir()))]) is None
+    assert grid.main(["--summarize", *map(str, sorted(runs.iterdir()))]) is None
     out, err = capsys.readouterr()
     assert "| digits | median | none | I |" in out and "# grid" in out and "| median | " in out
     assert err.count("\n") == 2 and "skipped" in err and "notes.txt" in err and "unfinished run" in err
@@ -170,14 +195,14 @@ def test_a_run_interrupted_while_plotting_is_not_done_until_rerun(files, tmp_pat
     config = run.config_of(run.parse_args(argv))
     def interrupted(results, path):
         raise KeyboardInterrupt
-    monkeypatch.setattr(grid, "plot", interrupted)
+    monkeypatch.setattr(run, "plot", interrupted)
     with pytest.raises(SystemExit) as exit_:
         run.main(argv)
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "run.py: interrupted after round 2 of 2; rerun the same command to resume\n"
     assert sorted(os.listdir(tmp_path / "run")) == [run.CHECKPOINT] and not grid.is_complete(str(tmp_path / "run"),
                                                                                             config)
-    monkeypatch.setattr(grid, "plot", fake_plot)
+    monkeypatch.setattr(run, "plot", fake_plot)
     run.main(argv)
     assert "resuming" in capsys.readouterr().out and grid.is_complete(str(tmp_path / "run"), config)
     os.remove(tmp_path / "run" / "results.png")
@@ -206,7 +231,7 @@ def test_ctrl_c_stops_a_run_in_one_line_and_the_same_command_resumes(tmp_path, m
     done = len(run.load_checkpoint(str(out), "cpu")["rounds"])
     assert err == f"run.py: interrupted after round {done} of 4; rerun the same command to resume\n"
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(grid, "plot", fake_plot)
+    monkeypatch.setattr(run, "plot", fake_plot)
     run.main(argv)
     assert f"resuming {out} after round {done}" in capsys.readouterr().out and (out / "results.json").exists()
 
@@ -225,3 +250,63 @@ def test_ctrl_c_stops_a_grid_starts_no_other_cell_and_writes_the_summary(tmp_pat
     assert log.read_text().splitlines()[-1].startswith("run.py: interrupted after round ")
     assert sorted(os.listdir(root)) == ["attack-none", "grid.json", "summary.csv", "summary.md"]
     assert sorted(os.listdir(root / "attack-none")) == [run.CHECKPOINT, "log.txt"]
+
+
+def loaded(pid, library):
+    """Whether the process ``pid`` has mapped ``library`` into its memory (Linux's /proc/PID/maps)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches the process load torch in /proc/PID/maps")
+@pytest.mark.parametrize("prog, argv, says", [
+    ("run.py", ["--rounds", "1", "--out", "run"], "run.py"),
+    ("run.py", ["--seed", "0,1", "--rounds", "1", "--out", "grid"], "run.py"),  # grid.py by then, the same process
+    ("bench.py", [], "bench.py"),
+    ("feddefuse.py", ["diagnose", "replay.pt"], "feddefuse.py"),
+])
+def test_ctrl_c_while_torch_loads_is_one_line_exit_code_130_and_nothing_written(prog, argv, says, tmp_path):
+    """Ctrl-C in a command's first seconds, while it loads torch: "PROG: interrupted" on stderr, exit code 130."""
+    process = subprocess.Popen([sys.executable, str(ROOT / prog), *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not loaded(process.pid, "libtorch") and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out, err) == (130, "", f"{says}: interrupted\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_ctrl_c_while_a_grid_stops_kills_its_cells_and_still_writes_the_summary(tmp_path):
+    """Ctrl-C to the grid alone (its cell does not get it, so the grid waits 3 s before passing it on), then a second
+    one while it waits: the cell is killed at once (its log ends without its own interrupted line, its checkpoint
+    kept), and the grid still writes the summary and exits 130 in one line."""
+    root = tmp_path / "grid"
+    log = root / "attack-none" / "log.txt"
+    argv = ["--defense", "median", "--attack", "none,fang", "--clients", "6", "--malicious", "2", "--rounds", "30",
+            "--jobs", "1", "--out", str(root)]
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while "round   1/" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1, err
+    assert err.startswith("run.py: interrupted after 0 of the 2 cells to run: 1 stopped, 1 not started; wrote ")
+    assert "interrupted" not in log.read_text() and "Traceback" not in out + err + log.read_text()
+    assert sorted(os.listdir(root)) == ["attack-none", "grid.json", "summary.csv", "summary.md"]
+    assert sorted(os.listdir(root / "attack-none")) == [run.CHECKPOINT, "log.txt"]
+
+
+def test_a_bare_ctrl_c_says_interrupted(capsys):
+    """A Ctrl-C that no command turned into its own message is "PROG: interrupted", never an empty "PROG: "."""
+    with pytest.raises(SystemExit) as exit_:
+        with fl.command_line("prog.py"):
+            raise KeyboardInterrupt
+    assert exit_.value.code == 130 and capsys.readouterr().err == "prog.py: interrupted\n"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attacks
+import bench
 import data
 import fedredefense as fr
 import fl
@@ -108,7 +109,7 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
     errors, learned, iterations = fr.reconstruct(model, w, updates[:3], k, torch.full((3,), 6), hp)
     assert iterations.tolist() == [7, 7, 7]
     for i, k_i in enumerate(k.unstack()):
-        e_plain, k_plain = fr.plain_reconstruction(fl.TextbookCNN(1, 8), w, updates[i], k_i, 6, hp)
+        e_plain, k_plain = bench.plain_reconstruction(bench.TextbookCNN(1, 8), w, updates[i], k_i, 6, hp)
         assert errors[i].item() == pytest.approx(e_plain.item(), rel=1e-4)
         for fast, plain in zip((learned.images[i], learned.label_logits[i], learned.alpha[i]),
                                (k_plain.images, k_plain.label_logits, k_plain.alpha)):
@@ -287,7 +288,7 @@ def test_reconstruct_on_the_authors_convnet_equals_the_plain_loop(monkeypatch, s
     errors, learned, iterations = fr.reconstruct(model, w, updates, initial(3), torch.full((3,), 4), hp)
     assert iterations.tolist() == [5, 5, 5]
     for i, k_i in enumerate(initial(3).unstack()):
-        e_plain, k_plain = fr.plain_reconstruction(plain_model, w, updates[i], k_i, 4, hp)
+        e_plain, k_plain = bench.plain_reconstruction(plain_model, w, updates[i], k_i, 4, hp)
         assert errors[i].item() == pytest.approx(e_plain.item(), rel=1e-4)
         assert not torch.equal(k_plain.images, k_i.images)
         assert torch.allclose(learned.images[i], k_plain.images, rtol=1e-4, atol=1e-5)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import fl
 
 
@@ -98,7 +99,7 @@ def test_asr_ignores_target_class_images():
 @pytest.mark.parametrize("channels, side", [(1, 28), (1, 8)])
 def test_the_cnn_pooling_before_relu_is_table_5s_function_and_gradient(channels, side):
     """max_pool(ReLU(x)) (Table 5's order) and ReLU(max_pool(x)) agree in output and in every gradient."""
-    fast, textbook = fl.CNN(channels, side), fl.TextbookCNN(channels, side)
+    fast, textbook = fl.CNN(channels, side), bench.TextbookCNN(channels, side)
     textbook.load_state_dict(fast.state_dict())
     x = torch.randn(6, channels, side, side, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 3, 4, 5])
@@ -115,7 +116,7 @@ def test_clients_trained_on_cores_in_channels_last_equal_the_plain_nchw_loop(mon
     monkeypatch.setattr(fl, "cores", lambda device: 2)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 70, 1, 28, 28, generator=gen), torch.randint(0, 10, (5, 70), generator=gen)
-    plain_model = fl.TextbookCNN(1, 28)
+    plain_model = bench.TextbookCNN(1, 28)
     w = fl.flatten_params(plain_model)
     plain = []
     for c in range(5):
@@ -137,7 +138,7 @@ def test_clients_trained_on_cores_in_channels_last_equal_the_plain_nchw_loop(mon
 
 def test_predictions_on_cores_in_channels_last_equal_the_plain_nchw_model(monkeypatch):
     monkeypatch.setattr(fl, "cores", lambda device: 2)
-    textbook = fl.TextbookCNN(1, 28)
+    textbook = bench.TextbookCNN(1, 28)
     w = fl.flatten_params(textbook)
     x = torch.randn(700, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -42,13 +42,13 @@ def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_m
     grid killed mid-way and rerun runs only the cells that had not finished; rerunning a finished grid runs
     nothing."""
     out = tmp_path / "grid"
-    grid = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *GRID, "--out", str(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *GRID, "--out", str(out)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while not done(out) and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(grid.pid, signal.SIGKILL)  # the grid and the cells it is running
-    grid.wait()
+    os.killpg(process.pid, signal.SIGKILL)  # the grid and the cells it is running
+    process.wait()
     before = done(out)
     assert 1 <= len(before) < 4
 
@@ -67,7 +67,7 @@ def test_a_grid_runs_each_cell_once_and_an_interrupted_grid_completes_only_the_m
     summary = (out / "summary.md").read_text()
     assert "| defense | none | fang | worst case |" in summary and "| median | " in summary and "± " in summary
 
-    assert run.main(GRID + ["--out", str(out)]) == 0  # nothing left to run: no cell process starts
+    assert grid.main(GRID + ["--out", str(out)]) == 0  # nothing left to run: no cell process starts
     assert "4 cells: 4 already done, 0 invalid, 0 to run" in capsys.readouterr().out and done(out) == after
 
 
@@ -75,7 +75,7 @@ def test_a_failed_cell_is_reported_and_the_others_still_run(tmp_path):
     """Acceptance 2: an invalid combination (LIE with 4 attackers of 6) fails alone: its error is in the summary,
     the other cell runs, and the exit code is non-zero."""
     out = tmp_path / "grid"
-    assert run.main(["--attack", "lie,fang", "--defense", "fedavg", "--clients", "6", "--malicious", "4",
+    assert grid.main(["--attack", "lie,fang", "--defense", "fedavg", "--clients", "6", "--malicious", "4",
                      "--rounds", "1", "--jobs", "1", "--out", str(out)]) == 1
     assert set(done(out)) == {"attack-fang"}
     summary = (out / "summary.md").read_text()
@@ -92,7 +92,7 @@ def test_a_cell_run_by_the_grid_equals_the_same_cell_run_alone_and_printed_comma
     merges it."""
     out = tmp_path / "grid"
     flags = ["--defense", "fedavg", "--attack", "scaling,fang", "--clients", "6", "--malicious", "2", "--rounds", "2"]
-    printed = lambda: run.main(flags + ["--print-commands", "--out", str(out)]) or capsys.readouterr().out.splitlines()
+    printed = lambda: grid.main(flags + ["--print-commands", "--out", str(out)]) or capsys.readouterr().out.splitlines()
     first = printed()
     assert len(first) == 2 and not done(out)
     command = shlex.split(first[0])
@@ -100,7 +100,7 @@ def test_a_cell_run_by_the_grid_equals_the_same_cell_run_alone_and_printed_comma
     assert run_py(*command[2:]).returncode == 0  # the printed line, run as it is
     assert len(printed()) == 1
 
-    run.main(["--summarize", str(out)])
+    grid.main(["--summarize", str(out)])
     assert "| fedavg |" in capsys.readouterr().out and (out / "summary.csv").exists()
 
     by_hand = json.loads((out / "attack-scaling" / "results.json").read_text())
@@ -127,3 +127,21 @@ def test_a_norm_bound_row_with_the_oracle_m_is_labelled_as_an_oracle():
             for m in ("oracle", "median")]
     assert grid.summary_table(runs[:1], ["tacc"], "tacc")[2].startswith("| normbound (oracle M) | ")
     assert grid.summary_table(runs[1:], ["tacc"], "tacc")[2].startswith("| normbound | ")
+
+
+def test_a_table_passes_a_flag_only_to_the_cells_that_read_it_and_finished_cells_made_with_it_stay_done(tmp_path):
+    """FedREDefense Table 2's --root-size 500 and --norm-bound oracle reach only FLTrust's and Norm bound's cells
+    (run.py refuses a flag its run does not read); a cell whose results.json records such a flag that it does not
+    read (made before a grid passed them to the cells that read them alone) is the same run, so it stays done."""
+    _, _, flags = grid.paper_table("fedredefense-2", "digits")
+    cells = dict(grid.grid_cells(list(flags.items()), str(tmp_path)))
+    has = lambda cell, flag: flag in cells[f"defense-{cell}_attack-fang"]
+    assert has("fltrust", "--root-size") and not any(has(d, "--root-size") for d in ("median", "normbound"))
+    assert has("normbound", "--norm-bound") and not any(has(d, "--norm-bound") for d in ("fltrust", "fedredefense"))
+    config = grid.parse_cell(cells["defense-median_attack-fang"])[0]
+    assert run.same_run({**config, "root_size": 500, "norm_bound": "oracle"}, config)
+    fltrust = grid.parse_cell(cells["defense-fltrust_attack-fang"])[0]
+    assert fltrust["root_size"] == 500 and not run.same_run({**fltrust, "root_size": 100}, fltrust)
+    _, _, flags = grid.paper_table("feddefuse-2", "digits")
+    cells = grid.grid_cells(list(flags.items()), str(tmp_path))
+    assert all(("--attack-rounds" in argv) == ("II" in argv) for _, argv in cells)

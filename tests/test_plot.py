@@ -1,15 +1,15 @@
-"""results.png (grid.plot): labelled axes, whole rounds, FedREDefense's gamma, and n/a where a metric does not exist."""
+"""results.png (run.plot): labelled axes, whole rounds, FedREDefense's gamma, and n/a where a metric does not exist."""
 import pytest
 
 import fedredefense
-import grid
+import run
 
 
 ERRORS = {"fedredefense": {"0": 0.1, "1": 0.3, "2": 2.0}, "feddefuse": {"0": 0.4, "1": 0.5, "2": 0.9}, "median": None}
 
 
 def results(defense):
-    """Three rounds of a digits run whose client 2 attacks: the fields grid.plot reads. Median labels no client."""
+    """Three rounds of a digits run whose client 2 attacks: the fields run.plot reads. Median labels no client."""
     rate = lambda v: None if defense == "median" else v
     rounds = [{"round": t, "attacking": [2], "errors": ERRORS[defense], "tacc": 0.1 * t, "asr": None,
                "dacc": rate(1.0), "mr": rate(0.0)} for t in (1, 2, 3)]
@@ -22,7 +22,7 @@ def axes(tmp_path_factory):
     out = {}
     for defense in ERRORS:
         path = tmp_path_factory.mktemp(defense) / "results.png"
-        out[defense] = grid.plot(results(defense), path).axes
+        out[defense] = run.plot(results(defense), path).axes
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return out
 

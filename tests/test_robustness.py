@@ -19,7 +19,6 @@ import attacks
 import fedredefense
 import feddefuse
 import fl
-import grid
 import run
 
 TINY = ["--clients", "6", "--malicious", "2", "--rounds", "3"]
@@ -138,7 +137,7 @@ def test_same_command_same_results_even_when_stopped_and_resumed(defense, small_
     sampler's state must resume too). Round 1 is computed afresh by both: this is also the same-seed-same-results
     check."""
     monkeypatch.setitem(feddefuse.HYPER, "digits", feddefuse.Hyper(surrogate_iters=10, sim_steps=2))  # any budget
-    monkeypatch.setattr(grid, "plot", lambda results, path: open(path, "wb").close())  # results.json is compared
+    monkeypatch.setattr(run, "plot", lambda results, path: open(path, "wb").close())  # results.json is compared
     argv = TINY + ["--rounds", "2", "--participants", "4", "--defense", defense, "--attack", "scaling"]
     run.main(argv + ["--out", str(tmp_path / "whole")])
     save = run.save_checkpoint
@@ -222,7 +221,7 @@ def test_an_out_folder_of_another_run_is_refused_unless_overwrite(tmp_path, caps
 def test_more_rounds_continue_a_finished_run_and_fewer_are_refused(monkeypatch, tmp_path, capsys):
     """``--resume DIR --rounds 3`` after 2 finished rounds, and the same command with --rounds 4 after that,
     continue from the checkpoint and write what a run through 4 rounds writes; --rounds 3 then is refused."""
-    monkeypatch.setattr(grid, "plot", lambda results, path: open(path, "wb").close())
+    monkeypatch.setattr(run, "plot", lambda results, path: open(path, "wb").close())
     argv = TINY + ["--defense", "flame", "--attack", "lie", "--participants", "4"]  # seeded, and sampled
     run.main(argv + ["--rounds", "4", "--out", str(tmp_path / "whole")])
     extended = str(tmp_path / "extended")
