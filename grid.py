@@ -26,7 +26,10 @@ import time
 
 try:  # Ctrl-C while torch loads (seconds): one line, as everywhere else
     import numpy as np
+    import torch
 
+    import feddefuse
+    import fedredefense
     import fl
     import run
 except KeyboardInterrupt:
@@ -372,10 +375,11 @@ def write_summary(root):
     fl.write_atomically(os.path.join(root, "summary.csv"), dump)
 
 
-def summarize(paths):
+def summarize(paths, figures=None):
     """The tables of the finished runs among ``paths`` (``print_runs``), then each grid folder's summary.md,
-    (re)written with summary.csv from its cells (e.g. after they ran on several machines). Anything else is named
-    on stderr and skipped, a ``fl.UserError`` if nothing is left; nothing is written into a run's folder."""
+    (re)written with summary.csv from its cells (e.g. after they ran on several machines), then, with ``figures``
+    (a folder), ``write_figures`` of all of them. Anything else is named on stderr and skipped, a ``fl.UserError`` if
+    nothing is left; nothing is written into a run's folder."""
     runs, grids, skipped = [], [], []
     for path in paths:
         if is_grid_folder(path):
@@ -395,6 +399,8 @@ def summarize(paths):
         write_summary(root)
         with open(os.path.join(root, "summary.md")) as f:
             print(f.read(), end="")
+    if figures:
+        write_figures(runs + [r for root in grids for r in read_grid(root)[1].values()], figures)
 
 
 def finished_run(path):
@@ -451,6 +457,218 @@ def print_runs(runs):
         print(f"| {c['defense']} vs {c['attack']} ({c['dataset']}) | {stat(split[False])} | {stat(split[True])} |")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Figures: RESULTS.md's plots, drawn from finished runs (python run.py --summarize RUNS... --figures DIR)
+# ---------------------------------------------------------------------------------------------------------------
+
+HEADLINE = {"fedavg": "tab:red", "oracle": "tab:gray", "fedredefense": "tab:blue", "feddefuse": "tab:green"}
+EPS_GRID = np.geomspace(0.05, 20, 49)  # DBSCAN eps values the trade-off curve replays
+
+
+def write_figures(runs, folder):
+    """The figures of RESULTS.md from ``runs`` (results.json contents), one set per dataset and threat model, as
+    PNGs in ``folder``: the TACC of the headline defenses over the rounds (``figure_tacc``); FedREDefense's
+    reconstruction errors of genuine and attacking updates against gamma (``figure_errors``); FedDefuse's DBSCAN
+    gate, its statistic per round (``figure_gate``) and its eps trade-off (``figure_eps``). A figure whose runs
+    are not among ``runs`` is left out. Pattern I runs only."""
+    os.makedirs(folder, exist_ok=True)
+    runs = [r for r in runs if r["config"]["pattern"] == "I"]
+    settings = sorted({(r["config"]["dataset"], r["config"]["protocol"]) for r in runs})
+    written = []
+    for dataset, protocol in settings:
+        group = [r for r in runs if (r["config"]["dataset"], r["config"]["protocol"]) == (dataset, protocol)]
+        of = lambda defense: [r for r in group if r["config"]["defense"] == defense]
+        name = f"{dataset}-{protocol}"
+        drawn = [(f"tacc-{name}.png", figure_tacc, [r for r in group if r["config"]["defense"] in HEADLINE]),
+                 (f"errors-{name}.png", figure_errors, of("fedredefense")),
+                 (f"gate-{name}.png", figure_gate, of("feddefuse")),
+                 (f"eps-{name}.png", figure_eps, of("feddefuse"))]
+        for file, figure, chosen in drawn:
+            if chosen:
+                fig = figure(chosen, f"{dataset}, {run.threat_model(chosen[0]['config'])}")
+                path = os.path.join(folder, file)
+                fl.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+                written.append(path)
+    print("wrote " + (", ".join(written) if written else "no figure (no pattern I run of the figures' defenses)"))
+
+
+def attacks_of(runs):
+    """The attacks of ``runs`` in the order of their first appearance, "none" first."""
+    found = list(dict.fromkeys(r["config"]["attack"] for r in runs))
+    return sorted(found, key=lambda a: a != "none")
+
+
+def panels(n, width=3.4, height=2.8):
+    """A figure with ``n`` panels in rows of at most four, and the flat list of them (the unused ones hidden)."""
+    from matplotlib.figure import Figure
+
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def figure_tacc(runs, title):
+    """TACC over the rounds, one panel per attack, one line per headline defense: the mean over the seeds, with a
+    band of +- one standard deviation where there are several."""
+    attacks_ = attacks_of(runs)
+    fig, axes = panels(len(attacks_))
+    for ax, attack in zip(axes, attacks_):
+        for defense, color in HEADLINE.items():
+            seeds = [[100 * x["tacc"] for x in r["rounds"]] for r in runs
+                     if (r["config"]["defense"], r["config"]["attack"]) == (defense, attack)]
+            if not seeds:
+                continue
+            length = min(map(len, seeds))
+            tacc = np.array([s[:length] for s in seeds])
+            t = np.arange(1, length + 1)
+            ax.plot(t, tacc.mean(0), color=color, label=f"{defense} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+            if len(seeds) > 1:
+                ax.fill_between(t, tacc.mean(0) - tacc.std(0, ddof=1), tacc.mean(0) + tacc.std(0, ddof=1),
+                                color=color, alpha=0.2, linewidth=0)
+        ax.set(title=attack, xlabel="round", ylabel="TACC (%)", ylim=(0, 100))
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"TACC over the rounds: {title}")
+    return fig
+
+
+def first_errors(r):
+    """{client: (its first reconstruction error, whether it attacked in that round)} of a FedREDefense run."""
+    first = {}
+    for x in r["rounds"]:
+        for c, e in (x["errors"] or {}).items():
+            first.setdefault(int(c), (e, int(c) in x["attacking"]))
+    return first
+
+
+def figure_errors(runs, title):
+    """FedREDefense Table 10's content as points: each client's first reconstruction error (every seed), genuine
+    and attacking updates side by side for each attack, with the threshold gamma (Algorithm 1 flags e > gamma)."""
+    attacks_ = attacks_of(runs)
+    fig, (ax,) = panels(1, width=max(6.0, 1.1 * len(attacks_)), height=4.0)
+    rng, labelled = np.random.default_rng(0), set()  # the jitter is horizontal only
+    for i, attack in enumerate(attacks_):
+        points = [v for r in runs if r["config"]["attack"] == attack for v in first_errors(r).values()]
+        for label, color, shift in (("genuine", "tab:blue", -0.18), ("attacking", "tab:red", 0.18)):
+            e = [e for e, a in points if a == (label == "attacking")]
+            ax.scatter(i + shift + rng.uniform(-0.1, 0.1, len(e)), e, s=9, color=color, alpha=0.6,
+                       label=label if e and label not in labelled else None)
+            labelled |= {label} if e else set()
+    gamma = fedredefense.HYPER[runs[0]["config"]["dataset"]].gamma
+    ax.axhline(gamma, color="black", linestyle="--", label=f"γ = {gamma:g}")
+    ax.set(xticks=range(len(attacks_)), xticklabels=attacks_, yscale="log",
+           ylabel="reconstruction error e (first participation)")
+    ax.legend(fontsize="small")
+    fig.suptitle(f"FedREDefense's reconstruction errors: {title}")
+    return fig
+
+
+def gate_gaps(d_b):
+    """The gaps between neighbouring values of d_b divided by its median (its mean if the median is 0), the scale
+    ``feddefuse.dbscan_labels`` clusters on; none for an all-zero d_b (one cluster)."""
+    x = np.sort(np.asarray(d_b, dtype=float))
+    scale = np.median(x) if np.median(x) > 0 else x.mean()
+    return np.diff(x / scale) if scale > 0 else np.zeros(0)
+
+
+def is_uniform_at(gaps, eps):
+    """``feddefuse.is_uniformly_benign`` of DBSCAN(eps, min_samples = 2) on 1-D points with these gaps, in closed
+    form: the clusters are the chains of gaps <= eps and a point with no neighbour within eps is noise, so there is
+    one label when every gap is <= eps (one chain) or every gap is > eps (all noise)."""
+    return bool(len(gaps) == 0 or (gaps <= eps).all() or (gaps > eps).all())
+
+
+def figure_gate(runs, title):
+    """FedDefuse's DBSCAN gate (Algorithm 2 lines 6-7) per round: the largest of ``gate_gaps`` (the gate opens when
+    it exceeds eps) of every attacked run (one panel per
+    attack, a line per seed) against the attack-free runs (black), and the eps this dataset runs with."""
+    attacks_ = [a for a in attacks_of(runs) if a != "none"]
+    calm = [r for r in runs if r["config"]["attack"] == "none"]
+    eps = feddefuse.HYPER[runs[0]["config"]["dataset"]].dbscan_eps
+    fig, axes = panels(len(attacks_))
+    for ax, attack in zip(axes, attacks_):
+        for label, color, chosen in (("attack-free", "black", calm),
+                                     (attack, "tab:red", [r for r in runs if r["config"]["attack"] == attack])):
+            for k, r in enumerate(chosen):
+                gaps = [gate_gaps(list(x["details"]["d_b"].values())).max(initial=0)
+                        for x in r["rounds"] if x["details"]]
+                ax.plot(range(1, len(gaps) + 1), gaps, color=color, alpha=0.7, linewidth=1,
+                        label=label if k == 0 else None)
+        ax.axhline(eps, color="tab:blue", linestyle="--", label=f"eps = {eps:g}")
+        ax.set(title=attack, xlabel="round", ylabel="largest gap in d_b / median", yscale="log")
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"FedDefuse's gate: {title}")
+    return fig
+
+
+def gate_rounds(r):
+    """Per round of the FedDefuse run ``r``, what its DBSCAN gate decides between: (``gate_gaps``, attacking,
+    KMeans's choice), the choice being the live one where KMeans ran and ``feddefuse.select_benign`` on the recorded Phi
+    (the live call) where the gate kept everyone. Neither d_b nor Phi depends on eps, so ``gate_at`` reruns the
+    gate exactly for any eps (min_samples 2, every dataset's)."""
+    out = []
+    for x in r["rounds"]:
+        d = x["details"]
+        if not d:
+            continue
+        clients = [int(c) for c in d["d_b"]]
+        kept = (set(d["kmeans"]) if d["kmeans"] is not None else
+                {c for c, k in zip(clients, feddefuse.select_benign(torch.tensor(list(d["phi"].values()))).tolist())
+                 if k})
+        out.append((gate_gaps(list(d["d_b"].values())), np.array([c in x["attacking"] for c in clients]),
+                    np.array([c in kept for c in clients])))
+    return out
+
+
+def gate_at(gaps, choice, eps):
+    """Algorithm 2 lines 6-10 with DBSCAN's ``eps``: everyone where the round is uniformly benign, else ``choice``."""
+    return np.ones(len(choice), dtype=bool) if is_uniform_at(gaps, eps) else choice
+
+
+def figure_eps(runs, title):
+    """FedDefuse's gate over eps, replayed (``gate_rounds``, ``gate_at``): left, each attack's MR and the attack-free runs'
+    FPR (the share of genuine updates KMeans drops) against eps; right, MR against attack-free FPR, the trade-off
+    any eps can reach, with this dataset's eps marked."""
+    hp = feddefuse.HYPER[runs[0]["config"]["dataset"]]
+    attacks_ = [a for a in attacks_of(runs) if a != "none"]
+    calm = [r for r in runs if r["config"]["attack"] == "none"]
+
+    rounds = {id(r): gate_rounds(r) for r in runs}
+
+    def mean_rate(chosen, eps, rate):
+        return 100 * np.mean([rate(gate_at(gaps, choice, eps), attacking)
+                              for r in chosen for gaps, attacking, choice in rounds[id(r)]])
+
+    mr = lambda a, m: (a & m).sum() / a.sum() if a.sum() else 0.0
+    fpr = lambda a, m: (~a & ~m).sum() / (~m).sum() if (~m).sum() else 0.0
+    grid_ = sorted(set(EPS_GRID) | {hp.dbscan_eps})
+    fig, (by_eps, trade) = panels(2, width=5.0, height=4.0)
+    free = [mean_rate(calm, eps, fpr) for eps in grid_] if calm else None
+    if free:
+        by_eps.plot(grid_, free, color="black", label="attack-free: FPR")
+    for attack, color in zip(attacks_, ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink")):
+        rates = [mean_rate([r for r in runs if r["config"]["attack"] == attack], eps, mr) for eps in grid_]
+        by_eps.plot(grid_, rates, color=color, label=f"{attack}: MR")
+        if free:
+            trade.plot(free, rates, color=color, marker=".", markersize=3, label=attack)
+            at = grid_.index(hp.dbscan_eps)
+            trade.plot(free[at], rates[at], "o", color=color, markerfacecolor="none", markersize=9)
+    by_eps.axvline(hp.dbscan_eps, color="tab:blue", linestyle="--", label=f"eps = {hp.dbscan_eps:g}")
+    by_eps.set(xscale="log", xlabel="DBSCAN eps (on d_b / median)", ylabel="%", title="MR and attack-free FPR")
+    by_eps.legend(fontsize="x-small")
+    trade.set(xlabel="attack-free FPR (%)", ylabel="MR (%)", title=f"trade-off (circles: eps = {hp.dbscan_eps:g})")
+    if free:
+        trade.legend(fontsize="x-small")
+    else:
+        trade.set_axis_off()
+        trade.text(0.5, 0.5, "n/a: no attack-free run given", transform=trade.transAxes, ha="center")
+    fig.suptitle(f"FedDefuse's gate over eps, replayed: {title}")
+    return fig
+
+
 def main(argv=None):
     """The command line of many runs, the one ``python run.py`` hands over (``run.for_grid``): a grid (``run_grid``)
     or --summarize (``summarize``); any other is one run's (``run.main``). Messages name run.py, the command the
@@ -460,7 +678,8 @@ def main(argv=None):
         return run.main(argv)
     with fl.command_line("run.py"):
         if run.summarizes(argv):
-            return summarize(run.parse_args(argv).summarize)  # parse_args: --summarize takes no other flag
+            args = run.parse_args(argv)  # --summarize takes no other flag but --figures
+            return summarize(args.summarize, args.figures)
         return run_grid(argv)
 
 

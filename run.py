@@ -243,6 +243,8 @@ def parse_args(argv=None, refuse_unread=True):
     p.add_argument("--summarize", nargs="+", metavar="RUN",
                    help="print the tables of earlier runs (folders or results.json files) and exit; a grid's folder: "
                         "(re)write its summary.md and summary.csv")
+    p.add_argument("--figures", metavar="DIR",
+                   help="with --summarize: draw RESULTS.md's figures of those runs into DIR (PNGs)")
     grids = p.add_argument_group("grids", "any flag given comma-separated values (--seed 0,1,2) runs every "
                                          "combination, each cell in its own process under --out")
     grids.add_argument("--table", help="a paper table's defenses x attacks: fedredefense-1, fedredefense-2, "
@@ -254,15 +256,19 @@ def parse_args(argv=None, refuse_unread=True):
     defaults = vars(p.parse_args([]))
     given = [k for k, v in vars(args).items() if v != defaults[k]]  # the flags given a value of their own
     if args.summarize or args.resume:  # they read or continue earlier runs, whose settings are their own
-        takes = ["summarize"] if args.summarize else ["resume", "rounds"]
+        takes = ["summarize", "figures"] if args.summarize else ["resume", "rounds"]
         other = [k for k in given if k not in takes]
         if other:
-            p.error(f"argument --{takes[0]}: takes {'--rounds alone' if args.resume else 'no other flag'} "
-                    f"(got --{other[0].replace('_', '-')})")
+            alone = "--rounds alone" if args.resume else "no other flag but --figures"
+            p.error(f"argument --{takes[0]}: takes {alone} (got --{other[0].replace('_', '-')})")
+        if args.figures is not None:
+            fl.check_folder("--figures", args.figures)
         return args
     for flag in ("jobs", "print_commands"):
         if flag in given:
             p.error(f"argument --{flag.replace('_', '-')}: only for a grid (a comma-separated value, or --table)")
+    if "figures" in given:
+        p.error("argument --figures: only with --summarize (give the runs to draw: --summarize RUN...)")
 
     args.protocol = args.protocol or ("feddefuse" if args.defense == "feddefuse" else "fedredefense")
     for key, value in PROTOCOLS[args.protocol].items():
@@ -789,7 +795,7 @@ def code_version():
 def config_of(args):
     """The run's settings as results.json records them (the grid compares them to decide what is done)."""
     return {k: v for k, v in vars(args).items()
-            if k not in ("summarize", "table", "jobs", "print_commands", "resume", "overwrite")}
+            if k not in ("summarize", "figures", "table", "jobs", "print_commands", "resume", "overwrite")}
 
 
 def threat_model(config):
