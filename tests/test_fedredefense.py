@@ -118,6 +118,40 @@ def test_algorithm_1_flags_expels_and_keeps_knowledge(digits_round):
     assert not torch.equal(defense.knowledge[5].images, defense.initial.images)
 
 
+def test_copies_are_reconstructed_once_and_get_the_result_of_their_separate_reconstruction(digits_round,
+                                                                                           monkeypatch, single_thread):
+    """Issue 30, item 1: rows that are equal, start from the same K (the same object or equal tensors) and have
+    the same cap share one reconstruction; each row's error, learned K and iterations equal, bit for bit, those
+    of reconstructing every row separately (all rows in one ``reconstruct``, no sharing). A different K, or the
+    same K under another cap, is not shared."""
+    model, w, updates, _ = digits_round
+    hp = dataclasses.replace(HP, first_iters=3, max_iters=4)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
+    gen = torch.Generator().manual_seed(7)
+    k_a = fr.Knowledge(torch.randn(HP.n_images, 1, 8, 8, generator=gen), torch.randn(HP.n_images, 10, generator=gen),
+                       torch.tensor(HP.alpha_init))
+    k_b = fr.Knowledge(k_a.images + 0.5, k_a.label_logits, k_a.alpha)
+    knowledge = {3: k_a, 4: fr.Knowledge(*(t.clone() for t in k_a.tensors())), 5: k_b, 6: defense.initial}
+    u0, u1 = updates[0], updates[1]
+    batch = torch.stack([u0, u1, u0.clone(), u0, u0, u0, u0])
+    clients = [0, 1, 2, 3, 4, 5, 6]  # 0-2 new (K^0, first cap); 3, 4 equal K; 5 another K; 6 K^0, later cap
+    computed = []
+    reconstruct = fr.reconstruct
+    monkeypatch.setattr(fr, "reconstruct", lambda *a: computed.append(len(a[2])) or reconstruct(*a))
+    flagged, errors, learned, iterations = defense.test(batch, clients, w, knowledge)
+    assert computed == [5]  # {0, 2}, {1}, {3, 4}, {5}, {6}
+
+    starts = fr.Knowledge.stack([knowledge.get(c, defense.initial) for c in clients])
+    caps = torch.tensor([3, 3, 3, 4, 4, 4, 4])
+    e_sep, k_sep, it_sep = reconstruct(model, w, batch, starts, caps, hp)
+    assert torch.equal(errors, e_sep) and torch.equal(iterations, it_sep)
+    assert all(torch.equal(a, b) for a, b in zip(learned.tensors(), k_sep.tensors()))
+    assert torch.equal(flagged, ~(e_sep <= hp.gamma))
+    assert len(set(errors.tolist())) == 5  # the five computations do differ
+    learned.images[0] += 1  # the copies' learned K are their own tensors
+    assert not torch.equal(learned.images[0], learned.images[2])
+
+
 def test_zero_update_is_flagged_even_when_its_optimisation_overflows(digits_round):
     """MPAF at round 0 sends exactly 0 (w^0 = w^{t-1}): its error is huge and the outer step can overflow. The
     official code then returns NaN, which `> gamma` lets through; here the client keeps a finite error and is
