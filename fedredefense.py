@@ -258,10 +258,12 @@ class FedREDefense:
             update = self.aggregate(kept, fl.subset_round(rnd, accepted)).update
         return fl.Decision(update=update, accepted=accepted, expel=flagged, errors=errors, iterations=iterations)
 
-    def attacker_test(self, client, rnd):
-        """``passes(update)`` for an adaptive attacker (Algorithm 3), who knows FedREDefense entirely: this
-        defense's own ``test`` of one update, from the attacker's copy of K_client (K^0 for a new client), under
-        the server's cap; the server's K_client is never touched.
+    def attacker_test(self, clients, rnd):
+        """``passes(trials)`` for the adaptive attackers ``clients`` (Algorithm 3), who know FedREDefense entirely:
+        this defense's own ``test`` of the trial updates (a row per attacker, one batched reconstruction), each
+        from the attacker's copy of its K (K^0 for a new client), under the server's cap; a bool per row. The
+        server's K are never touched. Clients are independent in ``reconstruct``, so an attacker's verdict is the
+        one its trial gets when tested alone.
 
         Every trial starts from that copy, as Algorithm 3 line 5 has it (each Reconstruction takes K_i^{t-1}; the
         K_i^t it returns is the last trial's), so ``passes`` is the verdict the server will reach on the update.
@@ -269,8 +271,8 @@ class FedREDefense:
         by up to four caps' worth of iterations the server does not have: on digits (round 1, targeted label
         flip) 6 of the 7 attackers then passed their own test at lambda = 4.875, and the server flagged all 7.
         """
-        copy = {client: self.knowledge[client]} if client in self.knowledge else {}
-        return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
+        copy = {c: self.knowledge[c] for c in clients if c in self.knowledge}
+        return lambda trials: ~self.test(trials, clients, rnd.w_global, copy)[0]
 
 
 def plain_reconstruction(model, w0, g, knowledge, iters, hp):

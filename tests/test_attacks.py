@@ -534,18 +534,41 @@ def test_fang_krum_deterministic_under_a_seed():
 GRID = [1 + 0.125 * k for k in range(32)]  # every lambda Algorithm 3 can reach from 1 with delta 2 .. 0.125
 
 
-@pytest.mark.parametrize("threshold", [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0])
+THRESHOLDS = [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0]
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_adaptive_scale_finds_the_largest_grid_lambda_that_passes_in_five_calls(threshold):
     """FedREDefense Algorithm 3 (sec. 6.1): on a monotone pass/fail (lambda passes iff lambda <= threshold) the binary
     search returns the largest grid point that passes (1 if none above 1 does, 4.875 at most), in 5 calls."""
-    g = torch.tensor([1.0, -2.0])
+    g = torch.tensor([[1.0, -2.0]])
     calls = []
-    def passes(update):
-        calls.append(update[0].item())  # the trial lambda, since g[0] = 1
-        return update[0].item() <= threshold
-    lam, scaled = attacks.adaptive_scale(g, passes)
-    assert lam == max([x for x in GRID if x <= threshold], default=1.0)
-    assert torch.equal(scaled, lam * g) and len(calls) == 5 and calls[0] == 3.0
+    def passes(trials):
+        calls.append(trials[0, 0].item())  # the trial lambda, since g[0] = 1
+        return trials[:, 0] <= threshold
+    lams, scaled = attacks.adaptive_scale(g, passes)
+    assert lams == [max([x for x in GRID if x <= threshold], default=1.0)]
+    assert torch.equal(scaled, lams[0] * g) and len(calls) == 5 and calls[0] == 3.0
+
+
+def test_adaptive_scale_searches_for_all_attackers_at_once_as_for_each_alone():
+    """Issue 30, item 2: k attackers search together, one call per step with every attacker's trial, and each
+    gets the lambdas (every trial and the result) of its own search alone, here against a threshold per row."""
+    thresholds = torch.tensor(THRESHOLDS)
+    g = torch.stack([torch.tensor([1.0, -2.0]) * (1 + i) for i in range(len(THRESHOLDS))])
+    def search(rows):
+        calls = []
+        def passes(trials):
+            calls.append((trials[:, 0] / g[rows, 0]).tolist())  # each row's trial lambda
+            return trials[:, 0] / g[rows, 0] <= thresholds[rows]
+        return (*attacks.adaptive_scale(g[rows], passes), calls)
+    lams, scaled, calls = search(list(range(len(g))))
+    assert len(calls) == 5 and all(len(c) == len(g) for c in calls)
+    for i in range(len(g)):
+        lam_i, scaled_i, calls_i = search([i])
+        assert [lams[i]] == lam_i and torch.equal(scaled[i:i + 1], scaled_i)
+        assert [c[i] for c in calls] == [c[0] for c in calls_i]
+    assert len(set(lams)) > 5  # the rows do take different paths
 
 
 def test_label_flip_maps():

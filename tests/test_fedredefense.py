@@ -260,7 +260,7 @@ def test_the_adaptive_attackers_test_is_the_servers_verdict_and_leaves_its_state
     before = {c: dataclasses.astuple(k) for c, k in defense.knowledge.items()}
     rnd = dataclasses.replace(rnd, t=1)
     trials = [updates[2], 3 * updates[2], -updates[2]]
-    verdicts = [defense.attacker_test(2, rnd)(u) for u in trials]
+    verdicts = [bool(defense.attacker_test([2], rnd)(u[None])) for u in trials]
     for c, k in defense.knowledge.items():
         assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(k), before[c]))
     for u, verdict in zip(trials, verdicts):
@@ -268,6 +268,37 @@ def test_the_adaptive_attackers_test_is_the_servers_verdict_and_leaves_its_state
         defense.knowledge = {c: fr.Knowledge(*k) for c, k in before.items()}  # undo the server's round
         assert verdict == bool(flagged.accepted[1])
     assert len(set(verdicts)) == 2  # the case tells passing and failing updates apart
+
+
+def test_adaptive_attackers_searching_together_get_the_lambdas_of_their_searches_alone(digits_round,
+                                                                                      single_thread):
+    """Issue 30, item 2: against FedREDefense the attackers of a round search together, each step of Algorithm 3
+    one batched test of all their trials; each attacker ends with the lambda (and the scaled update) of its own
+    search written out alone: Algorithm 3's loop around FedREDefense's test of that one update from the
+    attacker's copy of K. Two attackers have a K (the server's cap), two are new (the first-participation cap);
+    gamma sits among the errors that five-iteration reconstructions reach, so the searches end apart."""
+    model, w, updates, sizes = digits_round
+    hp = dataclasses.replace(HP, first_iters=5, max_iters=4, gamma=0.997)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
+    defense.knowledge = {c: fr.Knowledge(defense.initial.images * 0.9, defense.initial.label_logits,
+                                         defense.initial.alpha * c) for c in (1, 3)}
+    clients = [0, 1, 2, 3, 4]
+    batch = torch.cat([updates, updates[:1]])  # client 4: a genuine client, not attacking
+    rnd = fl.Round(1, clients, w, torch.ones(5), torch.tensor([True, True, True, True, False]))
+    scaled = batch.clone()
+    lambdas = attacks.adaptive_attack(defense, scaled, [0, 1, 2, 3], rnd)
+    for i in range(4):
+        copy = {clients[i]: defense.knowledge[clients[i]]} if clients[i] in defense.knowledge else {}
+        lam, delta = 1.0, 2.0
+        while delta >= 0.125:
+            lam += delta
+            if defense.test((lam * batch[i])[None], [clients[i]], w, copy)[0][0]:
+                lam -= delta
+            delta /= 2
+        assert lambdas[i] == lam and torch.equal(scaled[i], lam * batch[i])
+    assert torch.equal(scaled[4], batch[4])
+    assert len(set(lambdas.values())) >= 3, lambdas
+    assert attacks.adaptive_attack(defense, scaled, [], rnd) == {}  # a round without attackers tests nothing
 
 
 def test_an_aggregation_rule_after_filtering_aggregates_the_accepted_updates(digits_round):
