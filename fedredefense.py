@@ -262,8 +262,9 @@ class FedREDefense:
         """``passes(trials)`` for the adaptive attackers ``clients`` (Algorithm 3), who know FedREDefense entirely:
         this defense's own ``test`` of the trial updates (a row per attacker, one batched reconstruction), each
         from the attacker's copy of its K (K^0 for a new client), under the server's cap; a bool per row. The
-        server's K are never touched. Clients are independent in ``reconstruct``, so an attacker's verdict is the
-        one its trial gets when tested alone.
+        server's K are never touched. Clients are independent in ``reconstruct``, so an attacker's verdict does
+        not depend on the other attackers' trials; it is computed with the vmapped arithmetic of the server's own
+        test of the round (a trial tested alone runs without vmap, which rounds differently).
 
         Every trial starts from that copy, as Algorithm 3 line 5 has it (each Reconstruction takes K_i^{t-1}; the
         K_i^t it returns is the last trial's), so ``passes`` is the verdict the server will reach on the update.

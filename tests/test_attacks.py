@@ -571,6 +571,38 @@ def test_adaptive_scale_searches_for_all_attackers_at_once_as_for_each_alone():
     assert len(set(lams)) > 5  # the rows do take different paths
 
 
+def test_adaptive_attackers_against_a_whole_round_rule_search_in_turn():
+    """A defense without its own ``attacker_test`` decides on the whole round, so each attacker searches on the
+    round as the earlier attackers left it: here a rule that accepts everyone while the round's summed update stays
+    under a norm of 10, so the first attacker takes most of the room and the later ones what is left. Written out
+    as Algorithm 3's loop, one attacker after the other, on deep copies of the rule (whose state must not move)."""
+    class SumBound:
+        calls = 0
+
+        def __call__(self, updates, rnd):
+            self.calls += 1
+            ok = bool(updates.sum(0).norm() <= 10)
+            return fl.Decision(update=updates.mean(0), accepted=torch.full((len(updates),), ok))
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    rnd = fl.Round(0, [0, 1, 2, 3], torch.zeros(2), torch.ones(4), torch.tensor([True, True, True, False]))
+    defense, scaled = SumBound(), g.clone()
+    lambdas = attacks.adaptive_attack(defense, scaled, [0, 1, 2], rnd)
+    assert defense.calls == 0
+    expected = g.clone()
+    for i in range(3):
+        lam, delta = 1.0, 2.0
+        while delta >= 0.125:
+            lam += delta
+            trial = expected.clone()
+            trial[i] = lam * g[i]
+            if not trial.sum(0).norm() <= 10:
+                lam -= delta
+            delta /= 2
+        expected[i] = lam * g[i]
+        assert lambdas[i] == lam
+    assert torch.equal(scaled, expected) and len(set(lambdas.values())) > 1, lambdas
+
+
 def test_label_flip_maps():
     """Label flip: y -> (y + 1) mod C is a bijection without fixed points; targeted: only class 0 changes, to 2."""
     y = torch.arange(10).repeat(3)
