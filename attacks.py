@@ -621,38 +621,59 @@ def flip_labels(name, y, num_classes):
 
 
 def adaptive_scale(g, passes, delta_init=2.0, gamma_att=0.125):
-    """The adaptive scaling attack, FedREDefense Algorithm 3 (sec. 6.1): the largest lambda >= 1 such
-    that lambda * g still passes the defense, found by the paper's binary search:
+    """The adaptive scaling attack, FedREDefense Algorithm 3 (sec. 6.1), for k attackers at once (rows of g
+    ``[k, d]``): for each, the largest lambda >= 1 such that lambda * g_i still passes the defense, found by the
+    paper's binary search:
         lambda = 1, delta = delta_init
         while delta >= gamma_att:  lambda += delta;  if not passes(lambda * g): lambda -= delta;  delta /= 2
-    With delta_init = 2 and gamma_att = 0.125 (sec. 6.1) it tries 3, then +-1, +-0.5, +-0.25, +-0.125: five calls,
-    and lambda lies on the grid 1 + 0.125 k, at most 4.875. ``passes(update) -> bool`` is the defense's own
-    decision on that update, run on the attacker's copy of the defense's state (``attacker_test``); on a monotone
-    pass/fail it returns the largest grid point that passes. Returns (lambda, lambda * g).
+    With delta_init = 2 and gamma_att = 0.125 (sec. 6.1) it tries 3, then +-1, +-0.5, +-0.25, +-0.125: five
+    steps, and lambda lies on the grid 1 + 0.125 k, at most 4.875. ``passes(trials [k, d]) -> [k] bool`` is the
+    defense's own decision on each attacker's trial update, run on the attacker's copy of the defense's state
+    (``attacker_test``); each step makes one call, with every attacker's current trial, and each attacker's
+    lambdas follow from its own verdicts only. On a monotone pass/fail it returns the largest grid point that
+    passes. Returns (the k lambdas, their lambda_i * g_i ``[k, d]``).
     """
-    lam, delta = 1.0, delta_init
+    scaled = lambda lams: g * torch.tensor(lams, dtype=g.dtype, device=g.device)[:, None]
+    lams, delta = [1.0] * len(g), delta_init
     while delta >= gamma_att:
-        lam += delta
-        if not passes(lam * g):
-            lam -= delta
+        trials = [lam + delta for lam in lams]
+        lams = [trial if ok else lam for trial, lam, ok in zip(trials, lams, passes(scaled(trials)).tolist())]
         delta /= 2
-    return lam, lam * g
+    return lams, scaled(lams)
 
 
-def attacker_test(defense, updates, i, rnd):
-    """``passes(update)`` for the adaptive attacker of row i (Algorithm 3): the defense's own decision on this
-    round with row i replaced by ``update``, run on a copy of the defense, so its state never changes. A defense
-    may offer the same decision more cheaply (FedREDefense: ``attacker_test``, one client's reconstruction test).
-    A rule that makes no per-client decision (Median, Norm bound, ...) passes every update."""
+def attacker_test(defense, updates, rows, rnd):
+    """``passes(trials)`` for the adaptive attackers of ``rows`` (Algorithm 3): the defense's own decision on
+    this round with those rows replaced by ``trials`` (``[len(rows), d]``), run on a copy of the defense, so its
+    state never changes; a bool per row. A defense may offer the same decision more cheaply (FedREDefense:
+    ``attacker_test``, the reconstruction test of the trial rows alone). A rule that makes no per-client decision
+    (Median, Norm bound, ...) passes every update."""
     if hasattr(defense, "attacker_test"):
-        return defense.attacker_test(rnd.clients[i], rnd)
+        return defense.attacker_test([rnd.clients[i] for i in rows], rnd)
 
-    def passes(update):
+    def passes(trials):
         trial = updates.clone()
-        trial[i] = update
+        trial[rows] = trials
         accepted = copy.deepcopy(defense)(trial, rnd).accepted
-        return accepted is None or bool(accepted[i])
+        return torch.ones(len(rows), dtype=torch.bool) if accepted is None else accepted[rows].cpu()
     return passes
+
+
+def adaptive_attack(defense, updates, rows, rnd):
+    """Algorithm 3 in a round: every attacker (the rows ``rows`` of ``updates``, replaced in place) scales its
+    poisoned update by ``adaptive_scale`` against ``attacker_test``. A defense with its own ``attacker_test``
+    (FedREDefense) tests each client's update apart from the others', so all attackers search together: each
+    step is one batched test of every attacker's trial. Against any other defense a verdict depends on the whole
+    round, so the attackers search in turn, each on the round as the earlier ones left it. Returns
+    {row: lambda}."""
+    if not rows:
+        return {}
+    searches = [rows] if hasattr(defense, "attacker_test") else [[i] for i in rows]
+    lambdas = {}
+    for searching in searches:
+        lams, updates[searching] = adaptive_scale(updates[searching], attacker_test(defense, updates, searching, rnd))
+        lambdas.update(zip(searching, lams))
+    return lambdas
 
 
 # ---------------------------------------------------------------------------------------------------------------

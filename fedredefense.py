@@ -87,12 +87,18 @@ class Knowledge:
     label_logits: torch.Tensor  # [|K|, classes]; soft labels are their softmax
     alpha: torch.Tensor         # scalar
 
+    def tensors(self):
+        return self.images, self.label_logits, self.alpha
+
+    def equal(self, other):
+        return self is other or all(torch.equal(a, b) for a, b in zip(self.tensors(), other.tensors()))
+
     @staticmethod
     def stack(ks):
-        return Knowledge(*(torch.stack(t) for t in zip(*((k.images, k.label_logits, k.alpha) for k in ks))))
+        return Knowledge(*(torch.stack(t) for t in zip(*(k.tensors() for k in ks))))
 
     def unstack(self):
-        return [Knowledge(*t) for t in zip(self.images, self.label_logits, self.alpha)]
+        return [Knowledge(*t) for t in zip(*self.tensors())]
 
 
 def initial_knowledge(sample_shape, num_classes, hp, generator, device):
@@ -209,6 +215,20 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     return errors, Knowledge(*params), iterations
 
 
+def shared_rows(updates, starts, caps):
+    """For each row of ``updates``, the first row whose reconstruction is the same computation: an equal update
+    (torch.equal; +0 and -0 count as equal, and g enters e only through differences and squares, which do not
+    tell them apart), the same starting K (the same object, or equal images, label logits and alpha) and the
+    same cap. A row that shares with none is its own first row."""
+    _, kind = torch.unique(updates, dim=0, return_inverse=True)
+    kind, caps = kind.tolist(), caps.tolist()
+    first = []
+    for i in range(len(kind)):
+        first.append(next((j for j in dict.fromkeys(first)
+                           if kind[j] == kind[i] and caps[j] == caps[i] and starts[j].equal(starts[i])), i))
+    return first
+
+
 class FedREDefense:
     """Algorithm 1: reconstruct every participant's update, drop and expel those with e_i^t > gamma, aggregate the rest.
 
@@ -227,11 +247,22 @@ class FedREDefense:
     def test(self, updates, clients, w_global, knowledge):
         """Alg. 1's test for ``clients``: reconstruct each update from its K in ``knowledge`` (client -> K) and
         flag e > gamma (strict, as the official code; NaN would count too). Changes no state.
+
+        Rows that are equal, start from the same K and have the same cap (``shared_rows``: the copies of one
+        vector that Min-Max, Min-Sum, LIE and MPAF attackers send, each new, from K^0) are reconstructed once and
+        the result (error, learned K, iterations) is handed to each of them. Clients are independent in
+        ``reconstruct``, so this changes the work only (and the rounding, where it leaves one row, which then
+        runs without vmap).
         Returns (flagged, errors, the learned K stacked, iterations)."""
         caps = torch.tensor([self.hp.max_iters if c in knowledge else self.hp.first_iters for c in clients])
-        start = Knowledge.stack([knowledge.get(c, self.initial) for c in clients])
-        errors, learned, iterations = reconstruct(self.model, w_global, updates, start, caps, self.hp)
-        return ~(errors <= self.hp.gamma), errors, learned, iterations
+        starts = [knowledge.get(c, self.initial) for c in clients]
+        first = shared_rows(updates, starts, caps)
+        once = sorted(set(first))
+        errors, learned, iterations = reconstruct(self.model, w_global, updates[once],
+                                                  Knowledge.stack([starts[i] for i in once]), caps[once], self.hp)
+        row = torch.tensor([once.index(i) for i in first])  # each row's place among the computed ones
+        learned = Knowledge(*(t[row.to(t.device)] for t in learned.tensors()))
+        return ~(errors[row] <= self.hp.gamma), errors[row], learned, iterations[row]
 
     def __call__(self, updates, rnd):
         flagged, errors, learned, iterations = self.test(updates, rnd.clients, rnd.w_global, self.knowledge)
@@ -244,10 +275,13 @@ class FedREDefense:
             update = self.aggregate(kept, fl.subset_round(rnd, accepted)).update
         return fl.Decision(update=update, accepted=accepted, expel=flagged, errors=errors, iterations=iterations)
 
-    def attacker_test(self, client, rnd):
-        """``passes(update)`` for an adaptive attacker (Algorithm 3), who knows FedREDefense entirely: this
-        defense's own ``test`` of one update, from the attacker's copy of K_client (K^0 for a new client), under
-        the server's cap; the server's K_client is never touched.
+    def attacker_test(self, clients, rnd):
+        """``passes(trials)`` for the adaptive attackers ``clients`` (Algorithm 3), who know FedREDefense entirely:
+        this defense's own ``test`` of the trial updates (a row per attacker, one batched reconstruction), each
+        from the attacker's copy of its K (K^0 for a new client), under the server's cap; a bool per row. The
+        server's K are never touched. Clients are independent in ``reconstruct``, so an attacker's verdict does
+        not depend on the other attackers' trials; it is computed with the vmapped arithmetic of the server's own
+        test of the round (a trial tested alone runs without vmap, which rounds differently).
 
         Every trial starts from that copy, as Algorithm 3 line 5 has it (each Reconstruction takes K_i^{t-1}; the
         K_i^t it returns is the last trial's), so ``passes`` is the verdict the server will reach on the update.
@@ -255,5 +289,5 @@ class FedREDefense:
         by up to four caps' worth of iterations the server does not have: on digits (round 1, targeted label
         flip) 6 of the 7 attackers then passed their own test at lambda = 4.875, and the server flagged all 7.
         """
-        copy = {client: self.knowledge[client]} if client in self.knowledge else {}
-        return lambda update: not bool(self.test(update[None], [client], rnd.w_global, copy)[0][0])
+        copy = {c: self.knowledge[c] for c in clients if c in self.knowledge}
+        return lambda trials: ~self.test(trials, clients, rnd.w_global, copy)[0]

@@ -609,14 +609,14 @@ def run(args, checkpoint=None):
                 w_init=w_init, sizes=fl.param_sizes(model), generator=generator_for(args.seed, t),
                 signflip_k=args.signflip_k, krum_f=attacked_krum_f(args, len(clients)), knowledge=args.knowledge)
 
-        # Adaptive attacks (FedREDefense Alg. 3): each attacker in turn scales its poisoned update by the largest
-        # lambda that the defense, run on the attacker's copy of its state, still accepts in this round.
+        # Adaptive attacks (FedREDefense Alg. 3): each attacker scales its poisoned update by the largest lambda
+        # that the defense, run on the attacker's copy of its state, still accepts in this round (against
+        # FedREDefense all attackers search together, in batched tests: ``attacks.adaptive_attack``).
         sizes = torch.tensor([len(parts[c]) for c in clients])
         rnd, lambdas = fl.Round(t, clients, w, sizes, attacking), {}
         if args.attack in attacks.ADAPTIVE:
-            for i in attacking.nonzero()[:, 0].tolist():
-                passes = attacks.attacker_test(defense, updates, i, rnd)
-                lambdas[str(clients[i])], updates[i] = attacks.adaptive_scale(updates[i], passes)
+            lambdas = {str(clients[i]): lam for i, lam in
+                       attacks.adaptive_attack(defense, updates, attacking.nonzero()[:, 0].tolist(), rnd).items()}
 
         decision = (defense(updates, rnd) if clients else  # all expelled
                     fl.Decision(update=torch.zeros_like(w), accepted=torch.zeros(0, dtype=torch.bool),

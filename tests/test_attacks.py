@@ -534,18 +534,73 @@ def test_fang_krum_deterministic_under_a_seed():
 GRID = [1 + 0.125 * k for k in range(32)]  # every lambda Algorithm 3 can reach from 1 with delta 2 .. 0.125
 
 
-@pytest.mark.parametrize("threshold", [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0])
+THRESHOLDS = [0.5, 1.0, 1.1, 1.125, 1.9, 2.0, 3.0, 3.3, 4.8, 4.875, 10.0]
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_adaptive_scale_finds_the_largest_grid_lambda_that_passes_in_five_calls(threshold):
     """FedREDefense Algorithm 3 (sec. 6.1): on a monotone pass/fail (lambda passes iff lambda <= threshold) the binary
     search returns the largest grid point that passes (1 if none above 1 does, 4.875 at most), in 5 calls."""
-    g = torch.tensor([1.0, -2.0])
+    g = torch.tensor([[1.0, -2.0]])
     calls = []
-    def passes(update):
-        calls.append(update[0].item())  # the trial lambda, since g[0] = 1
-        return update[0].item() <= threshold
-    lam, scaled = attacks.adaptive_scale(g, passes)
-    assert lam == max([x for x in GRID if x <= threshold], default=1.0)
-    assert torch.equal(scaled, lam * g) and len(calls) == 5 and calls[0] == 3.0
+    def passes(trials):
+        calls.append(trials[0, 0].item())  # the trial lambda, since g[0] = 1
+        return trials[:, 0] <= threshold
+    lams, scaled = attacks.adaptive_scale(g, passes)
+    assert lams == [max([x for x in GRID if x <= threshold], default=1.0)]
+    assert torch.equal(scaled, lams[0] * g) and len(calls) == 5 and calls[0] == 3.0
+
+
+def test_adaptive_scale_searches_for_all_attackers_at_once_as_for_each_alone():
+    """Issue 30, item 2: k attackers search together, one call per step with every attacker's trial, and each
+    gets the lambdas (every trial and the result) of its own search alone, here against a threshold per row."""
+    thresholds = torch.tensor(THRESHOLDS)
+    g = torch.stack([torch.tensor([1.0, -2.0]) * (1 + i) for i in range(len(THRESHOLDS))])
+    def search(rows):
+        calls = []
+        def passes(trials):
+            calls.append((trials[:, 0] / g[rows, 0]).tolist())  # each row's trial lambda
+            return trials[:, 0] / g[rows, 0] <= thresholds[rows]
+        return (*attacks.adaptive_scale(g[rows], passes), calls)
+    lams, scaled, calls = search(list(range(len(g))))
+    assert len(calls) == 5 and all(len(c) == len(g) for c in calls)
+    for i in range(len(g)):
+        lam_i, scaled_i, calls_i = search([i])
+        assert [lams[i]] == lam_i and torch.equal(scaled[i:i + 1], scaled_i)
+        assert [c[i] for c in calls] == [c[0] for c in calls_i]
+    assert len(set(lams)) > 5  # the rows do take different paths
+
+
+def test_adaptive_attackers_against_a_whole_round_rule_search_in_turn():
+    """A defense without its own ``attacker_test`` decides on the whole round, so each attacker searches on the
+    round as the earlier attackers left it: here a rule that accepts everyone while the round's summed update stays
+    under a norm of 10, so the first attacker takes most of the room and the later ones what is left. Written out
+    as Algorithm 3's loop, one attacker after the other, on deep copies of the rule (whose state must not move)."""
+    class SumBound:
+        calls = 0
+
+        def __call__(self, updates, rnd):
+            self.calls += 1
+            ok = bool(updates.sum(0).norm() <= 10)
+            return fl.Decision(update=updates.mean(0), accepted=torch.full((len(updates),), ok))
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    rnd = fl.Round(0, [0, 1, 2, 3], torch.zeros(2), torch.ones(4), torch.tensor([True, True, True, False]))
+    defense, scaled = SumBound(), g.clone()
+    lambdas = attacks.adaptive_attack(defense, scaled, [0, 1, 2], rnd)
+    assert defense.calls == 0
+    expected = g.clone()
+    for i in range(3):
+        lam, delta = 1.0, 2.0
+        while delta >= 0.125:
+            lam += delta
+            trial = expected.clone()
+            trial[i] = lam * g[i]
+            if not trial.sum(0).norm() <= 10:
+                lam -= delta
+            delta /= 2
+        expected[i] = lam * g[i]
+        assert lambdas[i] == lam
+    assert torch.equal(scaled, expected) and len(set(lambdas.values())) > 1, lambdas
 
 
 def test_label_flip_maps():

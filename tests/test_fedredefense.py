@@ -139,6 +139,40 @@ def test_algorithm_1_flags_expels_and_keeps_knowledge(digits_round):
     assert not torch.equal(defense.knowledge[5].images, defense.initial.images)
 
 
+def test_copies_are_reconstructed_once_and_get_the_result_of_their_separate_reconstruction(digits_round,
+                                                                                           monkeypatch, single_thread):
+    """Issue 30, item 1: rows that are equal, start from the same K (the same object or equal tensors) and have
+    the same cap share one reconstruction; each row's error, learned K and iterations equal, bit for bit, those
+    of reconstructing every row separately (all rows in one ``reconstruct``, no sharing). A different K, or the
+    same K under another cap, is not shared."""
+    model, w, updates, _ = digits_round
+    hp = dataclasses.replace(HP, first_iters=3, max_iters=4)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
+    gen = torch.Generator().manual_seed(7)
+    k_a = fr.Knowledge(torch.randn(HP.n_images, 1, 8, 8, generator=gen), torch.randn(HP.n_images, 10, generator=gen),
+                       torch.tensor(HP.alpha_init))
+    k_b = fr.Knowledge(k_a.images + 0.5, k_a.label_logits, k_a.alpha)
+    knowledge = {3: k_a, 4: fr.Knowledge(*(t.clone() for t in k_a.tensors())), 5: k_b, 6: defense.initial}
+    u0, u1 = updates[0], updates[1]
+    batch = torch.stack([u0, u1, u0.clone(), u0, u0, u0, u0])
+    clients = [0, 1, 2, 3, 4, 5, 6]  # 0-2 new (K^0, first cap); 3, 4 equal K; 5 another K; 6 K^0, later cap
+    computed = []
+    reconstruct = fr.reconstruct
+    monkeypatch.setattr(fr, "reconstruct", lambda *a: computed.append(len(a[2])) or reconstruct(*a))
+    flagged, errors, learned, iterations = defense.test(batch, clients, w, knowledge)
+    assert computed == [5]  # {0, 2}, {1}, {3, 4}, {5}, {6}
+
+    starts = fr.Knowledge.stack([knowledge.get(c, defense.initial) for c in clients])
+    caps = torch.tensor([3, 3, 3, 4, 4, 4, 4])
+    e_sep, k_sep, it_sep = reconstruct(model, w, batch, starts, caps, hp)
+    assert torch.equal(errors, e_sep) and torch.equal(iterations, it_sep)
+    assert all(torch.equal(a, b) for a, b in zip(learned.tensors(), k_sep.tensors()))
+    assert torch.equal(flagged, ~(e_sep <= hp.gamma))
+    assert len(set(errors.tolist())) == 5  # the five computations do differ
+    learned.images[0] += 1  # the copies' learned K are their own tensors
+    assert not torch.equal(learned.images[0], learned.images[2])
+
+
 def test_zero_update_is_flagged_even_when_its_optimisation_overflows(digits_round):
     """MPAF at round 0 sends exactly 0 (w^0 = w^{t-1}): its error is huge and the outer step can overflow. The
     official code then returns NaN, which `> gamma` lets through; here the client keeps a finite error and is
@@ -247,7 +281,7 @@ def test_the_adaptive_attackers_test_is_the_servers_verdict_and_leaves_its_state
     before = {c: dataclasses.astuple(k) for c, k in defense.knowledge.items()}
     rnd = dataclasses.replace(rnd, t=1)
     trials = [updates[2], 3 * updates[2], -updates[2]]
-    verdicts = [defense.attacker_test(2, rnd)(u) for u in trials]
+    verdicts = [bool(defense.attacker_test([2], rnd)(u[None])) for u in trials]
     for c, k in defense.knowledge.items():
         assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(k), before[c]))
     for u, verdict in zip(trials, verdicts):
@@ -255,6 +289,37 @@ def test_the_adaptive_attackers_test_is_the_servers_verdict_and_leaves_its_state
         defense.knowledge = {c: fr.Knowledge(*k) for c, k in before.items()}  # undo the server's round
         assert verdict == bool(flagged.accepted[1])
     assert len(set(verdicts)) == 2  # the case tells passing and failing updates apart
+
+
+def test_adaptive_attackers_searching_together_get_the_lambdas_of_their_searches_alone(digits_round,
+                                                                                      single_thread):
+    """Issue 30, item 2: against FedREDefense the attackers of a round search together, each step of Algorithm 3
+    one batched test of all their trials; each attacker ends with the lambda (and the scaled update) of its own
+    search written out alone: Algorithm 3's loop around FedREDefense's test of that one update from the
+    attacker's copy of K. Two attackers have a K (the server's cap), two are new (the first-participation cap);
+    gamma sits among the errors that five-iteration reconstructions reach, so the searches end apart."""
+    model, w, updates, sizes = digits_round
+    hp = dataclasses.replace(HP, first_iters=5, max_iters=4, gamma=0.997)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), "cpu")
+    defense.knowledge = {c: fr.Knowledge(defense.initial.images * 0.9, defense.initial.label_logits,
+                                         defense.initial.alpha * c) for c in (1, 3)}
+    clients = [0, 1, 2, 3, 4]
+    batch = torch.cat([updates, updates[:1]])  # client 4: a genuine client, not attacking
+    rnd = fl.Round(1, clients, w, torch.ones(5), torch.tensor([True, True, True, True, False]))
+    scaled = batch.clone()
+    lambdas = attacks.adaptive_attack(defense, scaled, [0, 1, 2, 3], rnd)
+    for i in range(4):
+        copy = {clients[i]: defense.knowledge[clients[i]]} if clients[i] in defense.knowledge else {}
+        lam, delta = 1.0, 2.0
+        while delta >= 0.125:
+            lam += delta
+            if defense.test((lam * batch[i])[None], [clients[i]], w, copy)[0][0]:
+                lam -= delta
+            delta /= 2
+        assert lambdas[i] == lam and torch.equal(scaled[i], lam * batch[i])
+    assert torch.equal(scaled[4], batch[4])
+    assert len(set(lambdas.values())) >= 3, lambdas
+    assert attacks.adaptive_attack(defense, scaled, [], rnd) == {}  # a round without attackers tests nothing
 
 
 def test_an_aggregation_rule_after_filtering_aggregates_the_accepted_updates(digits_round):

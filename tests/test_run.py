@@ -336,9 +336,9 @@ def test_adaptive_attackers_record_their_lambda_and_test_on_a_copy_of_the_defens
     defense = run.baselines.FoolsGold()
     updates = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     rnd = fl.Round(0, [0, 1, 2, 3], torch.zeros(6), torch.ones(4), torch.tensor([False, False, False, True]))
-    passes = attacks.attacker_test(defense, updates, 3, rnd)
-    assert passes(updates[3]) is True
-    assert passes(updates[0].clone()) is False  # a copy of client 0's update is its sybil: weight 0
+    passes = attacks.attacker_test(defense, updates, [3], rnd)
+    assert passes(updates[3:4]).tolist() == [True]
+    assert passes(updates[0:1].clone()).tolist() == [False]  # a copy of client 0's update is its sybil: weight 0
     assert defense.history == {}  # the trials ran on copies
 
 
