@@ -175,6 +175,14 @@ class Col2im(torch.autograd.Function):
         return patches(grad), None
 
 
+def pooled_part(x):
+    """The part of a padded input [clients, n, H, W, C] that a 3x3 convolution followed by 2x2 max-pooling reads:
+    pooling drops an odd output's last row and column, so its convolution is not computed (the FashionMNIST CNN's
+    conv2: 100 of 121 positions, the CIFAR CNN's: 144 of 169)."""
+    height, width = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    return x[:, :, :height, :width]
+
+
 def pool(z, n, side):
     """2x2 max-pooling of conv outputs [clients, n * side * side, c] (row-major positions, channels last), by
     ``F.max_pool2d`` on the channels-last view: (maxima [clients * n, c, side // 2, side // 2] in channels-last
@@ -207,11 +215,11 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
              f1w.view(hidden, c2, cells).transpose(1, 2).reshape(hidden, -1), f1b, f2w, f2b)
     w = [t.expand(clients, *t.shape) for t in start]
     padded = F.pad(images.permute(0, 1, 3, 4, 2), (0, 0, pad, pad, pad, pad))
-    patches1 = Patches.apply(padded)
+    patches1 = Patches.apply(pooled_part(padded))
     targets = label_logits.softmax(-1)
     total = targets.sum(-1, keepdim=True)
     for _ in range(steps):
-        grads = cnn_gradient(w, patches1, targets, total, pad, n, side + 2 * pad - 2)
+        grads = cnn_gradient(w, patches1, targets, total, pad, n, (side + 2 * pad - 2) // 2 * 2)
         w = [w_n - lrs.view(-1, *[1] * (w_n.dim() - 1)) * grad for w_n, grad in zip(w, grads)]
     d1w, d1b, d2w, d2b, df1w, df1b, df2w, df2b = [w_n - w_0 for w_n, w_0 in zip(w, start)]
     delta = (d1w.view(clients, c1, 3, 3, channels).permute(0, 1, 4, 2, 3), d1b,
@@ -222,14 +230,15 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
 
 def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     """grad f(K, w) for every client's weights ``w`` in ``cnn_simulated_updates``'s layout, by hand; ``side1``
-    is conv1's output side."""
+    is conv1's output side that pooling reads (even)."""
     (c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b), clients = w, len(patches1)
     c1, c2 = c1w.shape[1], c2w.shape[1]
     pooled1, where1 = pool(torch.baddbmm(c1b.unsqueeze(1), patches1, c1w.transpose(1, 2)), n, side1)
     a1 = pooled1.relu().permute(0, 2, 3, 1).reshape(clients, n, side1 // 2, side1 // 2, c1)
     padded = F.pad(a1, (0, 0, pad, pad, pad, pad))
-    patches2 = Patches.apply(padded)
-    side2 = side1 // 2 + 2 * pad - 2  # conv2's output side
+    used = pooled_part(padded)
+    patches2 = Patches.apply(used)
+    side2 = used.shape[2] - 2  # conv2's output side that pooling reads
     pooled2, where2 = pool(torch.baddbmm(c2b.unsqueeze(1), patches2, c2w.transpose(1, 2)), n, side2)
     a2 = pooled2.relu().permute(0, 2, 3, 1).reshape(clients, n, -1)
     h = torch.baddbmm(f1b.unsqueeze(1), a2, f1w.transpose(1, 2)).relu()
@@ -239,7 +248,9 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     d_h = (d_logits @ f2w) * (h > 0)
     d_a2 = (d_h @ f1w) * (a2 > 0)
     d_z2 = unpool(d_a2.view(pooled2.shape[0], *pooled2.shape[2:], c2).permute(0, 3, 1, 2), where2, side2, clients)
-    d_a1 = Col2im.apply(d_z2 @ c2w, padded.shape)[:, :, pad:pad + side1 // 2, pad:pad + side1 // 2]
+    dropped = padded.shape[2] - used.shape[2]
+    d_padded = F.pad(Col2im.apply(d_z2 @ c2w, used.shape), (0, 0, 0, dropped, 0, dropped))
+    d_a1 = d_padded[:, :, pad:pad + side1 // 2, pad:pad + side1 // 2]
     d_a1 = d_a1.permute(0, 1, 4, 2, 3).reshape(pooled1.shape) * (pooled1 > 0)
     d_z1 = unpool(d_a1, where1, side1, clients)
     return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), d_z2.transpose(1, 2) @ patches2, d_z2.sum(1),
