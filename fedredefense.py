@@ -205,7 +205,10 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
     takes the outer gradient through the N steps. Activations are channels-last, convolutions are matrix products
     with ``patches`` (conv1's depend on the images only, so they are built once for all N steps), pooling is
     ``F.max_pool2d`` on channels-last views. The convolution kernels are kept as (ky, kx, C) and fc1's columns as
-    (h, w, c), and put back in the flat order at the end."""
+    (h, w, c), and put back in the flat order at the end. Measured on one thread of a shared 2-core CPU,
+    client outer iterations/s against the vmapped path: FashionMNIST CNN 18.7 against 14.5 (one client); digits
+    CNN 65 against 41 (one client) and 121 against 77 (13 clients). The vmapped path paid for oneDNN's grouped
+    convolutions, autograd's zero-filled backward of every slice, and max-pooling with indices in NCHW."""
     pad = model.conv1.padding[0]
     clients, n, channels, side = images.shape[:4]
     c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b = fl.unflatten(model, w0)
@@ -263,7 +266,7 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
 
 
 def clients_per_batch(n_params, device):
-    """How many clients one vmapped evaluation holds at most. On a CPU, batching pays while the layers are small
+    """How many clients one batched evaluation (vmapped, or ``cnn_simulated_updates``) holds at most. On a CPU, batching pays while the layers are small
     and loses once the arithmetic dominates (measured with ``python fl.py``), so a CPU batch holds at most 2M
     parameters (14 clients of the FashionMNIST CNN, one of the CIFAR CNN). A GPU takes a whole round at once (not
     measured)."""
