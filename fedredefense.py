@@ -269,10 +269,10 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
 
 
 def clients_per_batch(n_params, device):
-    """How many clients one batched evaluation (vmapped, or ``cnn_simulated_updates``) holds at most. On a CPU, batching pays while the layers are small
-    and loses once the arithmetic dominates (measured with ``python fl.py``), so a CPU batch holds at most 2M
-    parameters (14 clients of the FashionMNIST CNN, one of the CIFAR CNN). A GPU takes a whole round at once (not
-    measured)."""
+    """How many clients one batched evaluation (vmapped, or ``cnn_simulated_updates``) holds at most. On a CPU,
+    batching pays while the layers are small and loses once the arithmetic dominates (measured with ``python
+    fl.py``), so a CPU batch holds at most 2M parameters (14 clients of the FashionMNIST CNN, one of the CIFAR
+    CNN). A GPU takes a whole round at once (not measured)."""
     return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
 
 

@@ -174,9 +174,10 @@ def _problem(digits_round, dtype, n=3):
 
 def test_outer_gradient_matches_plain_unrolled_reference(digits_round):
     """The outer gradient of e through the N unrolled inner steps (Alg. 2 lines 5-12), taken through
-    simulated_updates (the CNN's hand-written inner gradient) + reconstruction_error for 3 clients at once, equals a per-client reference written directly
-    from Algorithm 2 with torch.autograd (float64, so the agreement is to rounding). A detached inner gradient,
-    a wrong step count, a wrong loss scale or clients leaking into each other's rows would all break it."""
+    simulated_updates (the CNN's hand-written inner gradient) + reconstruction_error for 3 clients at once,
+    equals a per-client reference written directly from Algorithm 2 with torch.autograd (float64, so the
+    agreement is to rounding). A detached inner gradient, a wrong step count, a wrong loss scale or clients
+    leaking into each other's rows would all break it."""
     model, w, updates, k = _problem(digits_round, torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (k.images, k.label_logits, k.alpha)]
     e = fr.reconstruction_error(fr.simulated_updates(model, w, *leaves, HP.inner_steps), updates)
