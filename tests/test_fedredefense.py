@@ -228,10 +228,11 @@ def _problem(digits_round, dtype, n=3):
 
 
 def test_outer_gradient_matches_plain_unrolled_reference(digits_round):
-    """The outer gradient of e through the N unrolled inner steps (Alg. 2 lines 5-12), taken through the vmapped
-    simulated_updates + reconstruction_error for 3 clients at once, equals a per-client reference written directly
-    from Algorithm 2 with torch.autograd (float64, so the agreement is to rounding). A detached inner gradient,
-    a wrong step count, a wrong loss scale or clients leaking into each other's rows would all break it."""
+    """The outer gradient of e through the N unrolled inner steps (Alg. 2 lines 5-12), taken through
+    simulated_updates (the CNN's hand-written inner gradient) + reconstruction_error for 3 clients at once,
+    equals a per-client reference written directly from Algorithm 2 with torch.autograd (float64, so the
+    agreement is to rounding). A detached inner gradient, a wrong step count, a wrong loss scale or clients
+    leaking into each other's rows would all break it."""
     model, w, updates, k = _problem(digits_round, torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (k.images, k.label_logits, k.alpha)]
     e = fr.reconstruction_error(fr.simulated_updates(model, w, *leaves, HP.inner_steps), updates)
@@ -242,6 +243,44 @@ def test_outer_gradient_matches_plain_unrolled_reference(digits_round):
         for leaf, grad_ref in zip(leaves, grads_ref):
             assert grad_ref.abs().max() > 0 and leaf.grad is not None  # not vacuous; the graph reaches K
             torch.testing.assert_close(leaf.grad[i], grad_ref, rtol=1e-10, atol=1e-12 * grad_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("channels, side", [(1, 28), (3, 32), (1, 8), (1, 7)])
+def test_hand_written_cnn_simulation_equals_the_autograd_reference(channels, side):
+    """cnn_simulated_updates (the fast path simulated_updates takes for fl.CNN) on the FashionMNIST CNN (Table 5:
+    conv2's odd 11x11 output, whose last row and column pooling drops), the CIFAR CNN (Table 6, 3 channels), the
+    digits CNN (padding 1) and an odd 7-px image: e and its gradient in K and alpha equal the per-client
+    torch.autograd reference, float64, for 3 clients with their own K and alpha (so a client mix-up shows)."""
+    torch.manual_seed(0)
+    model = fl.CNN(channels, side).double()
+    w = fl.flatten_params(model)
+    gen = torch.Generator().manual_seed(5)
+    k = fr.Knowledge(torch.randn(3, 10, channels, side, side, generator=gen, dtype=torch.float64),
+                     torch.randn(3, 10, 10, generator=gen, dtype=torch.float64),
+                     torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
+    updates = 1e-2 * torch.randn(3, len(w), generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (k.images, k.label_logits, k.alpha)]
+    e = fr.reconstruction_error(fr.cnn_simulated_updates(model, w, *leaves, HP.inner_steps), updates)
+    e.sum().backward()
+    for i, (e_ref, *grads_ref) in enumerate(_reference_gradients(model, k, updates, HP.inner_steps)):
+        torch.testing.assert_close(e[i].detach(), e_ref, rtol=1e-12, atol=0)
+        for leaf, grad_ref in zip(leaves, grads_ref):
+            assert grad_ref.abs().max() > 0
+            torch.testing.assert_close(leaf.grad[i], grad_ref, rtol=1e-10, atol=1e-12 * grad_ref.abs().max().item())
+
+
+def test_patches_and_col2im_are_adjoint_and_their_backwards_are_each_other():
+    """<patches(x), y> = <x, col2im(y)>, and the autograd Functions' backwards are autograd's own."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3 * 5 * 4, 9 * 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close((fr.patches(x) * y).sum(), (x * fr.col2im(y, x.shape)).sum())
+    for fast, plain, arg in ((fr.Patches.apply, fr.patches, x), (lambda t: fr.Col2im.apply(t, x.shape),
+                                                                  lambda t: fr.col2im(t, x.shape), y)):
+        out = fast(arg)
+        grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(out, arg, grad)[0],
+                                   torch.autograd.grad(plain(arg), arg, grad)[0])
 
 
 def test_one_outer_iteration_is_one_sgd_step_on_the_reference_gradient(digits_round):
