@@ -489,6 +489,9 @@ def write_figures(runs, folder):
                 path = os.path.join(folder, file)
                 fl.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
                 written.append(path)
+        if of("feddefuse"):
+            print("\n".join([f"FedDefuse's stages, replayed ({dataset}, {protocol}):", ""] + gate_table(of("feddefuse"))
+                            + [""]))
     print("wrote " + (", ".join(written) if written else "no figure (no pattern I run of the figures' defenses)"))
 
 
@@ -606,7 +609,7 @@ def figure_gate(runs, title):
 
 def gate_rounds(r):
     """Per round of the FedDefuse run ``r``, what its DBSCAN gate decides between: (``gate_gaps``, attacking,
-    KMeans's choice), the choice being the live one where KMeans ran and ``feddefuse.select_benign`` on the recorded Phi
+    KMeans's choice, the split's Delta_b), the choice being the live one where KMeans ran and ``feddefuse.select_benign`` on the recorded Phi
     (the live call) where the gate kept everyone. Neither d_b nor Phi depends on eps, so ``gate_at`` reruns the
     gate exactly for any eps (min_samples 2, every dataset's)."""
     out = []
@@ -619,13 +622,45 @@ def gate_rounds(r):
                 {c for c, k in zip(clients, feddefuse.select_benign(torch.tensor(list(d["phi"].values()))).tolist())
                  if k})
         out.append((gate_gaps(list(d["d_b"].values())), np.array([c in x["attacking"] for c in clients]),
-                    np.array([c in kept for c in clients])))
+                    np.array([c in kept for c in clients]), np.array([c in d["delta_b"] for c in clients])))
     return out
 
 
 def gate_at(gaps, choice, eps):
     """Algorithm 2 lines 6-10 with DBSCAN's ``eps``: everyone where the round is uniformly benign, else ``choice``."""
     return np.ones(len(choice), dtype=bool) if is_uniform_at(gaps, eps) else choice
+
+
+def mr(accepted, attacking):
+    """FedDefuse's MR of one round (``fl.malicious_rate``) on bool arrays."""
+    return (accepted & attacking).sum() / accepted.sum() if accepted.sum() else 0.0
+
+
+def fpr(accepted, attacking):
+    """The share of a round's genuine updates that are dropped."""
+    return (~accepted & ~attacking).sum() / (~attacking).sum() if (~attacking).sum() else 0.0
+
+
+def gate_table(runs):
+    """Which stage of FedDefuse lets each attack through, replayed from the records (markdown rows): MR as run;
+    MR with a perfect gate (KMeans in exactly the attacked rounds, everyone kept in the others), the least any
+    DBSCAN gate can give; the least MR of a DBSCAN gate whose attack-free FPR stays <= 3% over ``EPS_GRID`` and the
+    dataset's eps (with attack-free runs); and the share of attacking updates that the split by recoverability puts in Delta_b."""
+    calm = [gate_rounds(r) for r in runs if r["config"]["attack"] == "none"]
+    grid_ = sorted(set(EPS_GRID) | {feddefuse.HYPER[runs[0]["config"]["dataset"]].dbscan_eps})
+    free = [100 * np.mean([fpr(gate_at(g, c, eps), a) for rounds in calm for g, a, c, _ in rounds]) for eps in grid_]
+    lines = ["| attack | MR as run | MR, perfect gate | least MR at attack-free FPR <= 3% | attackers in Delta_b |",
+             "|---|---|---|---|---|"]
+    for attack in [a for a in attacks_of(runs) if a != "none"]:
+        rounds = [x for r in runs if r["config"]["attack"] == attack for x in gate_rounds(r)]
+        perfect = 100 * np.mean([mr(c if a.any() else np.ones_like(c), a) for _, a, c, _ in rounds])
+        at = lambda eps: 100 * np.mean([mr(gate_at(g, c, eps), a) for g, a, c, _ in rounds])
+        reachable = [at(eps) for eps, f in zip(grid_, free) if f <= 3] if calm else []
+        in_b = 100 * sum((a & b).sum() for _, a, _, b in rounds) / max(1, sum(a.sum() for _, a, _, _ in rounds))
+        as_run = 100 * np.mean([r["final"]["mr"] for r in runs if r["config"]["attack"] == attack])
+        lines.append(f"| {attack} | {as_run:.1f} | {perfect:.1f} | "
+                     f"{f'{min(reachable):.1f}' if reachable else '-'} | {in_b:.1f} |")
+    return lines
 
 
 def figure_eps(runs, title):
@@ -640,10 +675,8 @@ def figure_eps(runs, title):
 
     def mean_rate(chosen, eps, rate):
         return 100 * np.mean([rate(gate_at(gaps, choice, eps), attacking)
-                              for r in chosen for gaps, attacking, choice in rounds[id(r)]])
+                              for r in chosen for gaps, attacking, choice, _ in rounds[id(r)]])
 
-    mr = lambda a, m: (a & m).sum() / a.sum() if a.sum() else 0.0
-    fpr = lambda a, m: (~a & ~m).sum() / (~m).sum() if (~m).sum() else 0.0
     grid_ = sorted(set(EPS_GRID) | {hp.dbscan_eps})
     fig, (by_eps, trade) = panels(2, width=5.0, height=4.0)
     free = [mean_rate(calm, eps, fpr) for eps in grid_] if calm else None

@@ -45,7 +45,7 @@ def test_the_replay_at_the_runs_own_eps_gives_its_live_decisions(runs, attack):
     r = runs["feddefuse", attack]
     replayed = grid.gate_rounds(r)
     assert len(replayed) == len(r["rounds"])
-    for (gaps, attacking, choice), x in zip(replayed, r["rounds"]):
+    for (gaps, attacking, choice, _), x in zip(replayed, r["rounds"]):
         clients = [int(c) for c in x["details"]["d_b"]]
         accepted = grid.gate_at(gaps, choice, feddefuse.HYPER["digits"].dbscan_eps)
         assert sorted(c for c, a in zip(clients, accepted) if a) == sorted(x["accepted"])
@@ -71,3 +71,16 @@ def test_the_errors_figure_puts_each_clients_first_error_on_its_side_of_gamma(ru
     first = grid.first_errors(runs["fedredefense", "mpaf"])
     assert sorted(genuine) == sorted(e for e, a in first.values() if not a)
     assert sorted(attacking) == sorted(e for e, a in first.values() if a) and min(attacking) > 0.6
+
+
+def test_the_stage_table_on_a_hand_made_record():
+    """Two recorded rounds: in round 1 the gate keeps everyone (gaps ~0.1) though KMeans would drop attacker 3,
+    whom the split put in Delta_b; in round 2 the gate opens and KMeans keeps the two genuine updates. So a perfect
+    gate gives MR 0, and 1 of the 3 attacking updates was in Delta_b."""
+    def record(attacking, d_b, phi, kmeans, delta_b):
+        return {"attacking": attacking, "details": {"d_b": dict(zip("0123", d_b)), "phi": dict(zip("0123", phi)),
+                                                    "kmeans": kmeans, "delta_b": delta_b, "uniform": kmeans is None}}
+    rounds = [record([3], [1.0, 1.1, 1.2, 1.3], [1.0, 1.0, 1.0, -1.0], None, [0, 1, 3]),
+              record([2, 3], [1.0, 1.0, 5.0, 5.0], [1.0, 1.0, -1.0, -1.0], [0, 1], [0, 1])]
+    r = {"config": {"dataset": "digits", "attack": "fang"}, "final": {"mr": 0.125}, "rounds": rounds}
+    assert grid.gate_table([r])[2:] == ["| fang | 12.5 | 0.0 | - | 33.3 |"]
