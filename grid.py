@@ -648,7 +648,8 @@ def gate_table(runs):
     dataset's eps (with attack-free runs); and the share of attacking updates that the split by recoverability puts in Delta_b."""
     calm = [gate_rounds(r) for r in runs if r["config"]["attack"] == "none"]
     grid_ = sorted(set(EPS_GRID) | {feddefuse.HYPER[runs[0]["config"]["dataset"]].dbscan_eps})
-    free = [100 * np.mean([fpr(gate_at(g, c, eps), a) for rounds in calm for g, a, c, _ in rounds]) for eps in grid_]
+    free = [100 * np.mean([fpr(gate_at(g, c, eps), a) for rounds in calm for g, a, c, _ in rounds])
+            for eps in grid_] if calm else []
     lines = ["| attack | MR as run | MR, perfect gate | least MR at attack-free FPR <= 3% | attackers in Delta_b |",
              "|---|---|---|---|---|"]
     for attack in [a for a in attacks_of(runs) if a != "none"]:
