@@ -2,13 +2,19 @@
 
     python bench.py [cpu|cuda]      # needs FashionMNIST (README, "Install")
 
-It prints the time of a FedAvg round, the rate of FedREDefense's ``reconstruct`` and of FedDefuse's
-``recoverability``, each beside the obvious code that computes the same numbers, and the projected time of a
-paper-scale FashionMNIST FedREDefense run (RESULTS.md, "Performance"). The obvious code lives here too: the tests
-check that the project computes what it computes. Nothing in the project imports this file.
+It prints the machine's matmul speed, then the time of a FedAvg round, the rate of FedREDefense's ``reconstruct``
+and of FedDefuse's ``recoverability``, each beside the obvious code that computes the same numbers, the default
+demo's seconds (``python run.py``), one adaptive attacker's trial, and the projected times of a paper-scale
+FashionMNIST FedREDefense run under both settings and of a 25-client cell (RESULTS.md, "Performance"). The obvious
+code lives here too: the tests check that the project computes what it computes. Nothing in the project imports
+this file.
 """
+import contextlib
 import dataclasses
+import io
+import statistics
 import sys
+import tempfile
 import time
 
 try:  # Ctrl-C while torch loads: one line, as everywhere else
@@ -19,6 +25,7 @@ try:  # Ctrl-C while torch loads: one line, as everywhere else
     import feddefuse
     import fedredefense as fr
     import fl
+    import run
 except KeyboardInterrupt:
     if __name__ != "__main__":  # imported: the importer says it
         raise
@@ -112,14 +119,67 @@ def seconds(fn, device, repeat=1):
 FMNIST_ITERATIONS = {"first": 95, "crafted": 5001, "later": 5.1}
 
 
+def matmul_gflops(device, size=1024, repeat=10):
+    """The machine's float32 matrix-product speed in GFLOP/s, on torch's threads: 2 size^3 floating-point
+    operations over the median time of ``repeat`` products of two size x size matrices, after one untimed product
+    (the warm-up). Printed first, so that absolute times compare across machines."""
+    a, b = torch.randn(2, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    torch.mm(a, b)
+    return 2 * size ** 3 / statistics.median(seconds(lambda: torch.mm(a, b), device) for _ in range(repeat)) / 1e9
+
+
+def demo_seconds(device, argv=()):
+    """The default demo, ``python run.py`` (FedREDefense against Fang on digits: 25 clients, 40 rounds), run in
+    this process on ``device`` with the flags ``argv`` added, into a temporary folder removed afterwards. Its
+    per-round lines are not shown. Returns (wall seconds of ``run.run``, the run's final metrics: results.json's
+    "final")."""
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+        args = run.parse_args(["--device", device, "--out", out, *argv])
+        results = []
+        took = seconds(lambda: results.append(run.run(args)), device)
+    return took, results[0]["final"]
+
+
+def adaptive_trial_seconds(device, hp=fr.HYPER["digits"]):
+    """One trial of an adaptive attacker (Algorithm 3) on digits: ``FedREDefense.test`` of one update of a new
+    client, from K^0 under the first-participation cap, the early stop at gamma in force. The update is random,
+    of norm 1, so no K reproduces it: it fails, and only at the cap, as a failing trial does. A real trial can pass
+    late: the largest, 4.875 times client 24's label-flipped update at a seed-0 w^0 (norm 0.71), passed at outer
+    iteration 993 of 1001 (measured once). Returns (wall seconds, the outer iterations it took)."""
+    model = fl.CNN(1, 8).to(device)
+    w = fl.flatten_params(model)
+    defense = fr.FedREDefense(model, (1, 8, 8), 10, hp, torch.Generator().manual_seed(0), device)
+    update = torch.randn(1, len(w), generator=torch.Generator().manual_seed(1)).to(device)
+    tested = []
+    took = seconds(lambda: tested.append(defense.test(update / update.norm(), [0], w, {})), device)
+    return took, int(tested[0][3][0])
+
+
+def projected_run(fedavg_seconds, rate, iterations, clients, malicious, rounds):
+    """The projected time of a FedREDefense run with every client in every round: round 1 trains (a FedAvg round,
+    ``fedavg_seconds``) and reconstructs ``clients - malicious`` genuine updates from K^0 and ``malicious``
+    crafted ones, which it expels; every later round trains and reconstructs the genuine updates, at ``rate``
+    client outer iterations per second, ``iterations`` each (``FMNIST_ITERATIONS``' keys). Returns (round 1's
+    seconds, a later round's, the run's)."""
+    genuine = clients - malicious
+    first = fedavg_seconds + (genuine * iterations["first"] + malicious * iterations["crafted"]) / rate
+    later = fedavg_seconds + genuine * iterations["later"] / rate
+    return first, later, first + (rounds - 1) * later
+
+
 def benchmark(device="cpu"):
     """Prints, for the plain per-client loop and for the project on ``device``, with their ratio: a FedAvg round on
     FashionMNIST at 100 clients; ``reconstruct`` on the CNNs of Tables 5 and 6 and the digits CNN at 1, 10 and 25
     clients (client outer iterations per second, the early stop disabled); FedDefuse's recoverability for 20
-    clients on its MLP. Then the projected time of a paper-scale FashionMNIST FedREDefense run (100 clients of
-    which 28 malicious, 500 rounds) from the measured FedAvg round and reconstruction rate."""
+    clients on its MLP. First of all the machine's matmul speed (``matmul_gflops``); after the comparisons the
+    default demo's seconds and final DACC/FPR (``demo_seconds``), the seconds of one adaptive attacker's failing
+    trial (``adaptive_trial_seconds``), and, from the measured FedAvg round and reconstruction rate at 25 clients
+    (``projected_run``), the projected time of a paper-scale FashionMNIST FedREDefense run (100 clients of which 28
+    malicious, 500 rounds) under each ``--fedredefense-settings`` and of a 25-client laptop-scale cell."""
     print(f"{device}, {fl.cores(device)} core(s) for the project; the plain loop on torch's "
           f"{torch.get_num_threads()} threads")
+    print(f"1024x1024 float32 matmul: {matmul_gflops(device):.0f} GFLOP/s (median of 10, torch's "
+          f"{torch.get_num_threads()} threads)", flush=True)
     ds = data.load_dataset("fmnist", "data")  # one line and exit 2 if FashionMNIST is not installed
     parts = [torch.as_tensor(p) for p in data.dirichlet_partition(ds.y_train, 100, 0.1, seed=0)]
     x, y, x_test, y_test = (t.to(device) for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
@@ -167,14 +227,35 @@ def benchmark(device="cpu"):
     print(f"FedDefuse recoverability, MLP, {n} clients (K = {hp.outer_iters}): project {fast:5.2f} s, per-client "
           f"loop {plain:5.2f} s, ratio {plain / fast:4.2f}", flush=True)
 
+    took, final = demo_seconds(device)
+    expected = "" if (final["dacc"], final["fpr"]) == (1, 0) else " (the demo's must be DACC 100%, FPR 0%)"
+    print(f"Default demo, python run.py (FedREDefense vs Fang, digits, 25 clients, 40 rounds): {took:5.1f} s, target "
+          f"<= 120 s on a ~100 GFLOP/s 2-core machine; final DACC {100 * final['dacc']:.1f}%, FPR "
+          f"{100 * final['fpr']:.1f}%{expected}", flush=True)
+    took, iterations = adaptive_trial_seconds(device)
+    print(f"Adaptive attacker's trial (Algorithm 3), digits: FedREDefense.test of one random update from K^0, "
+          f"{iterations} outer iterations (the first-participation cap {fr.HYPER['digits'].first_iters} + 1): "
+          f"{took:5.1f} s", flush=True)
+
     # Paper scale under attack: round 1 reconstructs 72 genuine and 28 crafted updates from K^0, and expels the 28;
     # every later round trains and reconstructs the 72 (a 100-client FedAvg round is an upper bound on the first).
-    it, r = FMNIST_ITERATIONS, rate["fmnist", 25]
-    first = fedavg_seconds + (72 * it["first"] + 28 * it["crafted"]) / r
-    later = fedavg_seconds + 72 * it["later"] / r
-    print(f"Projected paper-scale FashionMNIST FedREDefense run (100 clients, 28 malicious, 500 rounds): round 1 "
-          f"{first / 60:.0f} min, later rounds {later:.0f} s, {(first + 499 * later) / 3600:.1f} h in all "
-          f"(from the FedAvg round above, reconstruct at {r:.1f} client iterations/s, and {it})")
+    # Under the official settings a crafted update runs to their first-participation cap; no FashionMNIST run under
+    # them is measured, so the genuine updates' iterations are Table 7's.
+    r = rate["fmnist", 25]
+    for settings, note in (("paper", ""), ("official", "; the genuine iterations are Table 7's, none measured under "
+                                                       "these settings: an upper bound if they converge no slower")):
+        cap = fr.SETTINGS[settings]["fmnist"].first_iters
+        it = {**FMNIST_ITERATIONS, "crafted": cap + 1}
+        first, later, total = projected_run(fedavg_seconds, r, it, clients=100, malicious=28, rounds=500)
+        print(f"Projected paper-scale FashionMNIST FedREDefense run (100 clients, 28 malicious, 500 rounds), "
+              f"--fedredefense-settings {settings}: round 1 {first / 60:.0f} min, later rounds {later:.0f} s, "
+              f"{total / 3600:.1f} h in all (from the FedAvg round above, reconstruct at {r:.1f} client "
+              f"iterations/s, and {it}{note})")
+    # Laptop scale: 25 clients of 600 images; their FedAvg round is a quarter of the 100-client one.
+    first, later, total = projected_run(fedavg_seconds * 25 / 100, r, FMNIST_ITERATIONS, clients=25, malicious=7,
+                                        rounds=50)
+    print(f"Projected FedREDefense FashionMNIST cell at 25 clients (600 images each, 7 malicious, 50 rounds): round 1 "
+          f"{first / 60:.1f} min, later rounds {later:.1f} s, {total / 60:.0f} min in all")
 
 
 def main(argv=None):
