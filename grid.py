@@ -632,8 +632,8 @@ def gate_at(gaps, choice, eps):
 
 
 def mr(accepted, attacking):
-    """FedDefuse's MR of one round (``fl.malicious_rate``) on bool arrays."""
-    return (accepted & attacking).sum() / accepted.sum() if accepted.sum() else 0.0
+    """FedDefuse's MR of one round, ``fl.malicious_rate``, on bool arrays."""
+    return fl.malicious_rate(torch.from_numpy(accepted), torch.from_numpy(attacking))
 
 
 def fpr(accepted, attacking):
