@@ -408,9 +408,10 @@ DETECTION = ("flame", "fltrust", "fldetector", "flcert", "auror", "foolsgold", "
 # Their settings that depend on the scale of a run, set once per dataset (never per attack). Paper scale: FLDetector's
 # window of 10 rounds after a 50-round cold start and FLCert's 10 groups (FedREDefense App. A.3), Auror's 10 warm-up
 # rounds and alpha (FLPoison's values, github: vio1etus/FLPoison). Digits' 40 rounds of 25 clients and the real
-# datasets' laptop scale (run.py --scale laptop: 50 rounds of 10-20 clients) shrink the round counts (LAPTOP_SCALE:
-# FLDetector can then detect from round 11 and still train 29-39 rounds after its restart) and keep 2-5 clients per
-# FLCert group (10 in the paper); Auror's alpha on digits is on the scale of its larger updates (lr 0.05).
+# datasets' laptop and small scales (run.py --scale: 100 rounds of 25 clients, 50 of 10-20) shrink the round counts
+# (LAPTOP_SCALE, this project's values: FLDetector can then detect from round 11 and still train 29-89 rounds after
+# its restart) and keep 2-5 clients per FLCert group (10 in the paper); Auror's alpha on digits is on the scale of
+# its larger updates (lr 0.05).
 PAPER_SCALE = {"fldetector_window": 10, "fldetector_cold_start": 50, "flcert_groups": 10, "auror_warmup": 10}
 LAPTOP_SCALE = {"fldetector_window": 5, "fldetector_cold_start": 5, "flcert_groups": 5, "auror_warmup": 5}
 DETECTION_HYPER = {

@@ -51,11 +51,11 @@ LABELS = {"tacc": "TACC", "adacc": "DACC", "mr": "MR", "dacc": "DACC", "fpr": "F
 def paper_table(name, dataset, scale="laptop"):
     """``--table NAME``: (title, layout, {flag: [values]}), the paper table's defenses x attacks with its settings,
     scaled to ``dataset`` and ``scale``. At paper scale FedDefuse samples 20 of 100 clients a round and pattern II
-    attacks the first 50 of 500 rounds. On digits (25 clients, 40 rounds) and at laptop scale (20 clients under
-    FedDefuse's protocol, 50 rounds) it samples 10 a round, which keeps its attacking share (A = 6 of 10: 3-6
-    attackers, 45% on average, of the 6-7 malicious clients there are; 20 participants would hold all of them, 30%),
-    and pattern II attacks the first 10 rounds (as RESULTS.md's FedDefuse tables)."""
-    small = dataset == "digits" or scale == "laptop"
+    attacks the first 50 of 500 rounds. On digits (25 clients, 40 rounds) and at laptop and small scale (25 clients
+    for 100 rounds, 20 for 50 under FedDefuse's protocol) it samples 10 a round, which keeps its attacking share (A =
+    6 of 10: 3-6 attackers, 45% on average, of the 6-7 malicious clients there are; 20 participants would hold all
+    of them, 30%), and pattern II attacks the first 10 rounds (as RESULTS.md's FedDefuse tables)."""
+    small = dataset == "digits" or scale != "paper"
     feddefuse = {"--protocol": ["feddefuse"], "--participants": ["10" if small else "20"],
                  "--max-malicious-share": ["0.6"]}
     fedredefense_attacks = ["none", "fang", "lie", "minmax", "minsum", "mpaf", "scaling", "dba"]

@@ -60,6 +60,22 @@ def test_each_protocol_sets_its_papers_threat_model_and_single_flags_override_it
     assert (a.sampling, a.knowledge, a.model) == ("capped", "full", "cnn")
 
 
+@pytest.mark.parametrize("argv, clients, malicious, participants, rounds, train_size", [
+    ([], 25, 7, 25, 100, 15000),                              # laptop: 25 clients of the papers' 600 images
+    (["--defense", "feddefuse"], 25, 7, 10, 100, 15000),      # 10 a round: 3-6 attackers under A-bar = 0.6
+    (["--scale", "small"], 10, 3, 10, 50, 6000),
+    (["--scale", "small", "--defense", "feddefuse"], 20, 6, 10, 50, 12000),
+    (["--scale", "paper"], 100, 28, 100, 500, None),          # FedREDefense sec. 5.1.4: every client, every round
+    (["--scale", "paper", "--defense", "feddefuse"], 100, 28, 20, 500, None),
+    (["--clients", "100"], 100, 28, 100, 100, None),          # 100 clients of 600 images: the whole training set
+])
+def test_each_scale_sets_the_clients_rounds_participants_and_training_images(argv, clients, malicious,
+                                                                              participants, rounds, train_size):
+    a = run.parse_args(["--dataset", "fmnist", *argv])
+    assert (a.clients, a.malicious, a.participants, a.rounds, a.train_size) == \
+        (clients, malicious, participants, rounds, train_size)
+
+
 def test_attack_patterns():
     is_mal = torch.tensor([False, True, True, True])
     rng = torch.Generator().manual_seed(0)
