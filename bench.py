@@ -5,7 +5,7 @@
 It prints the machine's matmul speed, then the time of a FedAvg round, the rate of FedREDefense's ``reconstruct``
 and of FedDefuse's ``recoverability``, each beside the obvious code that computes the same numbers, the default
 demo's seconds (``python run.py``), one adaptive attacker's trial, and the projected times of a paper-scale
-FashionMNIST FedREDefense run under both settings and of a 25-client cell (RESULTS.md, "Performance"). The obvious
+FashionMNIST FedREDefense run under both settings and of a laptop-scale cell (RESULTS.md, "Performance"). The obvious
 code lives here too: the tests check that the project computes what it computes. Nothing in the project imports
 this file.
 """
@@ -113,7 +113,7 @@ def seconds(fn, device, repeat=1):
     return (time.perf_counter() - start) / repeat
 
 
-# Outer iterations per client that a FashionMNIST FedREDefense run takes (measured on the laptop-scale runs,
+# Outer iterations per client that a FashionMNIST FedREDefense run takes (measured on the small-scale runs,
 # RESULTS.md: 600 images a client, beta = 0.1, gamma = 0.6): a genuine client's first reconstruction, a crafted
 # update's (the cap, 5000 + 1), and a genuine client's in a later round.
 FMNIST_ITERATIONS = {"first": 95, "crafted": 5001, "later": 5.1}
@@ -175,7 +175,7 @@ def benchmark(device="cpu"):
     default demo's seconds and final DACC/FPR (``demo_seconds``), the seconds of one adaptive attacker's failing
     trial (``adaptive_trial_seconds``), and, from the measured FedAvg round and reconstruction rate at 25 clients
     (``projected_run``), the projected time of a paper-scale FashionMNIST FedREDefense run (100 clients of which 28
-    malicious, 500 rounds) under each ``--fedredefense-settings`` and of a 25-client laptop-scale cell."""
+    malicious, 500 rounds) under each ``--fedredefense-settings`` and of a laptop-scale cell (25 clients)."""
     print(f"{device}, {fl.cores(device)} core(s) for the project; the plain loop on torch's "
           f"{torch.get_num_threads()} threads")
     print(f"1024x1024 float32 matmul: {matmul_gflops(device):.0f} GFLOP/s (median of 10, torch's "
@@ -251,11 +251,15 @@ def benchmark(device="cpu"):
               f"--fedredefense-settings {settings}: round 1 {first / 60:.0f} min, later rounds {later:.0f} s, "
               f"{total / 3600:.1f} h in all (from the FedAvg round above, reconstruct at {r:.1f} client "
               f"iterations/s, and {it}{note})")
-    # Laptop scale: 25 clients of 600 images; their FedAvg round is a quarter of the 100-client one.
-    first, later, total = projected_run(fedavg_seconds * 25 / 100, r, FMNIST_ITERATIONS, clients=25, malicious=7,
-                                        rounds=50)
-    print(f"Projected FedREDefense FashionMNIST cell at 25 clients (600 images each, 7 malicious, 50 rounds): round 1 "
-          f"{first / 60:.1f} min, later rounds {later:.1f} s, {total / 60:.0f} min in all")
+    # Laptop scale (run.py --scale laptop): 25 clients of 600 images; their FedAvg round is a quarter of the
+    # 100-client one.
+    clients, rounds, _ = run.SCALE["laptop", "fedredefense"]
+    malicious = round(run.MALICIOUS_SHARE * clients)
+    first, later, total = projected_run(fedavg_seconds * clients / 100, r, FMNIST_ITERATIONS, clients=clients,
+                                        malicious=malicious, rounds=rounds)
+    print(f"Projected laptop-scale FashionMNIST FedREDefense cell ({clients} clients of 600 images, {malicious} "
+          f"malicious, {rounds} rounds): round 1 {first / 60:.1f} min, later rounds {later:.1f} s, "
+          f"{total / 60:.0f} min in all")
 
 
 def main(argv=None):
