@@ -136,18 +136,17 @@ def simulated_updates(model, w0, images, label_logits, lrs, steps):
     """w_hat_N - w_hat_0 ``[n, d]`` for a batch of clients (leading dimension of every argument but the flat
     ``w0``): ``simulate_training``, one client's knowledge and learning rate per row, vmapped over the clients
     (a single client runs without vmap, which then only costs). ``fl.CNN`` takes the same computation written out
-    by hand, ``cnn_simulated_updates``, on 1-channel images. Shared by FedREDefense and FedDefuse."""
+    by hand, ``cnn_simulated_updates``. Shared by FedREDefense and FedDefuse."""
     layers = fl.unflatten(model, w0)
 
     def one(x, y, a):
         w_hat = simulate_training(model, layers, x, y, a, steps)
         return torch.cat([(w_n - w_0).reshape(-1) for w_n, w_0 in zip(w_hat, layers)])
 
-    # Measured on one thread, client outer iterations/s (hand-written / this function's path / plain loop): the
-    # 1-channel CNNs gain (FashionMNIST 29.0 / 21.0 / 19.0 for one client, 26.9 / 19.5 / 18.9 for 13; digits
-    # 92.8 / 61.8 / 65.3 and 196 / 124 / 65.7), the CIFAR CNN, one client a batch on a CPU, loses (8.1 / 9.4 / 6.0):
-    # its larger convolutions run faster in oneDNN than as im2col products.
-    if type(model) is fl.CNN and model.conv1.in_channels == 1:
+    # Measured on one thread, client outer iterations/s (hand-written / this function's path / plain loop; a 1024^2
+    # matmul at 188 GFLOP/s): FashionMNIST 28.7 / 21.1 / 19.5 for one client, 31.5 / 19.8 / 19.2 for 13; CIFAR
+    # 13.0 / 9.4 / 5.8 for one client (the hand-written path lost, 8.1 / 9.4 / 6.0, before ``Factored``).
+    if type(model) is fl.CNN:
         return cnn_simulated_updates(model, w0, images, label_logits, lrs, steps)
     if len(images) == 1:
         return one(images[0], label_logits[0], lrs[0])[None]
@@ -190,7 +189,9 @@ class Patches(torch.autograd.Function):
 
 
 class Col2im(torch.autograd.Function):
-    """``col2im``, whose backward is ``patches``."""
+    """``col2im``, whose backward is ``patches`` of the gradient made channels-last first: the gradient arrives
+    channels-first in memory (from pooling's backward), and ``patches`` copies it 8x slower so (25 clients' conv2
+    input gradient on FashionMNIST: 9.5 ms against 1.3 with the copy, one thread)."""
 
     @staticmethod
     def forward(ctx, cols, shape):
@@ -199,7 +200,7 @@ class Col2im(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return patches(grad), None
+        return patches(grad.contiguous()), None
 
 
 def pooled_part(x):
@@ -225,16 +226,49 @@ def unpool(grad, where, side, clients):
         clients, -1, grad.shape[1])
 
 
+class Factored:
+    """A fully connected weight after some gradient steps, kept as its factors: W = W0 + sum_j u_j^T v_j.
+
+    A step's weight gradient d_out^T x is the product of the layer's output gradient and its input over the n
+    images, of rank n (10), while the weight is [out, in] (the CIFAR CNN's fc1: 512 x 2304). Kept as factors, a step
+    costs products with the n-row factors instead of writing a full weight and its gradient: on one thread the
+    unfactored CIFAR CNN spent 46% of its time on fc1's weights. W0 [out, in] is shared by the clients; u
+    [clients, r, out] and v [clients, r, in] hold the r = steps * n rows taken so far, u scaled by -alpha."""
+
+    def __init__(self, w0, u, v):
+        self.w0, self.u, self.v = w0, u, v
+
+    @staticmethod
+    def start(w0, clients):
+        return Factored(w0, w0.new_zeros(clients, 0, w0.shape[0]), w0.new_zeros(clients, 0, w0.shape[1]))
+
+    def forward(self, x):
+        """x W^T for x [clients, n, in]."""
+        return x @ self.w0.T + (x @ self.v.transpose(1, 2)) @ self.u
+
+    def backward(self, d_out):
+        """d_out W for d_out [clients, n, out]: the gradient of the layer's input."""
+        return d_out @ self.w0 + (d_out @ self.u.transpose(1, 2)) @ self.v
+
+    def step(self, lrs, d_out, x):
+        """W - alpha * d_out^T x, one learning rate per client."""
+        return Factored(self.w0, torch.cat([self.u, -lrs.view(-1, 1, 1) * d_out], 1), torch.cat([self.v, x], 1))
+
+    def delta(self):
+        """W - W0 [clients, out, in]."""
+        return self.u.transpose(1, 2) @ self.v
+
+
 def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
     """``simulated_updates`` for ``fl.CNN``, with the inner gradient written out by hand (forward and backward
     of the CNN as batched matrix products over the clients) instead of torch.func.grad under vmap. The same
     computation: w_hat_{n+1} = w_hat_n - alpha * grad f(K, w_hat_n), every operation differentiable, so autograd
     takes the outer gradient through the N steps. Activations are channels-last, convolutions are matrix products
     with ``patches`` (conv1's depend on the images only, so they are built once for all N steps), pooling is
-    ``F.max_pool2d`` on channels-last views. The convolution kernels are kept as (ky, kx, C) and fc1's columns as
-    (h, w, c), and put back in the flat order at the end. Its speed, measured: ``simulated_updates``' comment.
-    The vmapped path pays for oneDNN's grouped convolutions (vmap over clients), autograd's zero-filled backward
-    of every slice, and max-pooling with indices in NCHW."""
+    ``F.max_pool2d`` on channels-last views, the fully connected weights are ``Factored``. The convolution kernels
+    are kept as (ky, kx, C) and fc1's columns as (h, w, c), and put back in the flat order at the end. Its speed,
+    measured: ``simulated_updates``' comment. The vmapped path pays for oneDNN's grouped convolutions (vmap over
+    clients), autograd's zero-filled backward of every slice, and max-pooling with indices in NCHW."""
     pad = model.conv1.padding[0]
     clients, n, channels, side = images.shape[:4]
     c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b = fl.unflatten(model, w0)
@@ -242,15 +276,18 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
     cells = f1w.shape[1] // c2  # pooled positions after conv2
     start = (c1w.permute(0, 2, 3, 1).reshape(c1, -1), c1b, c2w.permute(0, 2, 3, 1).reshape(c2, -1), c2b,
              f1w.view(hidden, c2, cells).transpose(1, 2).reshape(hidden, -1), f1b, f2w, f2b)
-    w = [t.expand(clients, *t.shape) for t in start]
+    w = [*(t.expand(clients, *t.shape) for t in start[:4]), Factored.start(start[4], clients),
+         f1b.expand(clients, -1), Factored.start(f2w, clients), f2b.expand(clients, -1)]
     padded = F.pad(images.permute(0, 1, 3, 4, 2), (0, 0, pad, pad, pad, pad))
     patches1 = Patches.apply(pooled_part(padded))
     targets = label_logits.softmax(-1)
     total = targets.sum(-1, keepdim=True)
     for _ in range(steps):
         grads = cnn_gradient(w, patches1, targets, total, pad, n, (side + 2 * pad - 2) // 2 * 2)
-        w = [w_n - lrs.view(-1, *[1] * (w_n.dim() - 1)) * grad for w_n, grad in zip(w, grads)]
-    d1w, d1b, d2w, d2b, df1w, df1b, df2w, df2b = [w_n - w_0 for w_n, w_0 in zip(w, start)]
+        w = [w_n.step(lrs, *grad) if isinstance(w_n, Factored) else w_n - lrs.view(-1, *[1] * (w_n.dim() - 1)) * grad
+             for w_n, grad in zip(w, grads)]
+    d1w, d1b, d2w, d2b, df1w, df1b, df2w, df2b = [w_n.delta() if isinstance(w_n, Factored) else w_n - w_0
+                                                  for w_n, w_0 in zip(w, start)]
     delta = (d1w.view(clients, c1, 3, 3, channels).permute(0, 1, 4, 2, 3), d1b,
              d2w.view(clients, c2, 3, 3, c1).permute(0, 1, 4, 2, 3), d2b,
              df1w.view(clients, hidden, cells, c2).transpose(2, 3), df1b, df2w, df2b)
@@ -259,8 +296,9 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
 
 def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     """grad f(K, w) for every client's weights ``w`` in ``cnn_simulated_updates``'s layout, by hand; ``side1``
-    is conv1's output side that pooling reads (even)."""
-    (c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b), clients = w, len(patches1)
+    is conv1's output side that pooling reads (even). The fully connected layers' weight gradients are returned
+    as their factors (the layer's output gradient, its input), as ``Factored.step`` takes them."""
+    (c1w, c1b, c2w, c2b, fc1, f1b, fc2, f2b), clients = w, len(patches1)
     c1, c2 = c1w.shape[1], c2w.shape[1]
     pooled1, where1 = pool(torch.baddbmm(c1b.unsqueeze(1), patches1, c1w.transpose(1, 2)), n, side1)
     a1 = pooled1.relu().permute(0, 2, 3, 1).reshape(clients, n, side1 // 2, side1 // 2, c1)
@@ -270,12 +308,12 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     side2 = used.shape[2] - 2  # conv2's output side that pooling reads
     pooled2, where2 = pool(torch.baddbmm(c2b.unsqueeze(1), patches2, c2w.transpose(1, 2)), n, side2)
     a2 = pooled2.relu().permute(0, 2, 3, 1).reshape(clients, n, -1)
-    h = torch.baddbmm(f1b.unsqueeze(1), a2, f1w.transpose(1, 2)).relu()
-    logits = torch.baddbmm(f2b.unsqueeze(1), h, f2w.transpose(1, 2))
+    h = (fc1.forward(a2) + f1b.unsqueeze(1)).relu()
+    logits = fc2.forward(h) + f2b.unsqueeze(1)
     # soft_cross_entropy's gradient: log_softmax's backward of -targets / (n * classes)
     d_logits = (logits.softmax(-1) * total - targets) / targets[0].numel()
-    d_h = (d_logits @ f2w) * (h > 0)
-    d_a2 = (d_h @ f1w) * (a2 > 0)
+    d_h = fc2.backward(d_logits) * (h > 0)
+    d_a2 = fc1.backward(d_h) * (a2 > 0)
     d_z2 = unpool(d_a2.view(pooled2.shape[0], *pooled2.shape[2:], c2).permute(0, 3, 1, 2), where2, side2, clients)
     dropped = padded.shape[2] - used.shape[2]
     d_padded = F.pad(Col2im.apply(d_z2 @ c2w, used.shape), (0, 0, 0, dropped, 0, dropped))
@@ -283,7 +321,7 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     d_a1 = d_a1.permute(0, 1, 4, 2, 3).reshape(pooled1.shape) * (pooled1 > 0)
     d_z1 = unpool(d_a1, where1, side1, clients)
     return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), d_z2.transpose(1, 2) @ patches2, d_z2.sum(1),
-            d_h.transpose(1, 2) @ a2, d_h.sum(1), d_logits.transpose(1, 2) @ h, d_logits.sum(1))
+            (d_h, a2), d_h.sum(1), (d_logits, h), d_logits.sum(1))
 
 
 def reconstruction_error(reconstructed, g, eps=1e-9):
