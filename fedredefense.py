@@ -329,12 +329,23 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
     return ((reconstructed - g).pow(2).sum(-1) + eps) / (g.pow(2).sum(-1) + eps)
 
 
-def clients_per_batch(n_params, device):
-    """How many clients one batched evaluation (vmapped, or ``cnn_simulated_updates``) holds at most. On a CPU,
-    batching pays while the layers are small and loses once the arithmetic dominates (measured with ``python
-    bench.py``), so a CPU batch holds at most 2M parameters (14 clients of the FashionMNIST CNN, one of the CIFAR
-    CNN). A GPU takes a whole round at once (not measured)."""
-    return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
+def clients_per_batch(model, device):
+    """How many clients one batched evaluation (``cnn_simulated_updates``, or vmapped) holds at most. A GPU takes a
+    whole round at once (not measured). On a CPU, ``fl.CNN``'s hand-written path holds 16 clients: larger batches
+    gain little (one thread, client outer iterations/s at 1 / 2 / 4 / 12 clients a batch: CIFAR 13.9 / 15.8 /
+    16.3 / 16.8; FashionMNIST at 2 / 7 / 14: 32.8 / 33.2 / 33.4), and 16 CIFAR clients hold about 1 GB. The vmapped
+    path holds at most 2M parameters: batching pays while the layers are small and loses once the arithmetic
+    dominates (measured with ``python bench.py``)."""
+    if torch.device(device).type != "cpu":
+        return 1_000_000
+    return 16 if type(model) is fl.CNN else max(1, 2_000_000 // sum(p.numel() for p in model.parameters()))
+
+
+def core_batches(clients, most, cores):
+    """``clients`` in batches of at most ``most``, as even as can be, their number a multiple of ``cores`` where
+    there are clients enough, so that every core gets a batch and none waits on a larger one."""
+    count = -(-len(clients) // most)
+    return clients.tensor_split(min(len(clients), -(-count // cores) * cores))
 
 
 def outer_gradient(model, w_global, params, updates, clients, caps, m, hp):
@@ -357,22 +368,22 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     Each client's outer loop takes SGD steps (momentum 0.5) on its own K_i and alpha_i against its own loss
     L_m = e(w_hat_N - w_hat_0, g_i) through the N unrolled inner steps, and stops as soon as e < gamma or its
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
-    its last finite error (inf if none). The clients still running are evaluated in batches of
-    ``clients_per_batch``, one batch per core at a time (``fl.on_cores``); they are independent, so the batching
-    changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]), iterations counting evaluations of the
+    its last finite error (inf if none). The clients still running are evaluated in batches of at most
+    ``clients_per_batch``, spread evenly over the cores (``core_batches``), one batch per core at a time
+    (``fl.on_cores``); they are independent, so the batching changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]), iterations counting evaluations of the
     unrolled training: the outer iterations of Table 9's AOI (an early stop at the first check counts 1, as in
     the official code).
     """
     params = [t.clone() for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
     lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
-    n, most = len(updates), clients_per_batch(updates.shape[1], updates.device)
+    n, most, cores = len(updates), clients_per_batch(model, updates.device), fl.cores(updates.device)
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
         fl.show_progress(lambda: f"reconstructing {len(active)} of {n} updates: outer iteration {m + 1}, at most "
                                  f"{int(caps[active].max()) + 1}")
-        batches = active.split(most)
+        batches = core_batches(active, most, cores)
         evaluated = fl.on_cores(lambda model_, clients: outer_gradient(model_, w_global, params, updates, clients,
                                                                        caps, m, hp), batches, model)
         stepping = []

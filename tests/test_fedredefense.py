@@ -100,7 +100,7 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
     the CNN as Table 5 writes it (ReLU before pooling): the same errors (1e-4 relative) and, after 6 outer steps,
     the same K (so the same outer gradients at every step). The batches run on two worker threads."""
     model, w, updates, _ = digits_round
-    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: batch)
+    monkeypatch.setattr(fr, "clients_per_batch", lambda model, device: batch)
     monkeypatch.setattr(fl, "cores", lambda device: 2)
     hp = dataclasses.replace(HP, gamma=0.0)  # no early stop: every client takes all its steps
     gen = torch.Generator().manual_seed(5)
@@ -114,6 +114,15 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
         for fast, plain in zip((learned.images[i], learned.label_logits[i], learned.alpha[i]),
                                (k_plain.images, k_plain.label_logits, k_plain.alpha)):
             assert not torch.equal(plain, k_i.images) and torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("clients, most, cores, sizes", [
+    (25, 16, 2, [13, 12]), (10, 16, 2, [5, 5]), (100, 16, 2, [13, 13, 13, 13, 12, 12, 12, 12]), (1, 16, 2, [1]),
+    (3, 1, 2, [1, 1, 1]), (7, 16, 1, [7]), (40, 16, 1, [14, 13, 13])])
+def test_core_batches_are_even_at_most_most_and_a_multiple_of_the_cores(clients, most, cores, sizes):
+    batches = fr.core_batches(torch.arange(clients) + 100, most, cores)
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches), torch.arange(clients) + 100)
 
 
 @pytest.mark.xdist_group("first_reconstruction")  # one worker computes the fixture once
@@ -395,7 +404,7 @@ def test_reconstruct_on_the_authors_convnet_equals_the_plain_loop(monkeypatch, s
     """With the authors' ConvNet (instance norm, average pooling) in its channels-last format, clients vmapped two at
     a time on two worker threads: the errors and the K after 4 outer steps of the plain flat-vector loop on the NCHW
     model, one client at a time (genuine digits updates of the ConvNet; 1e-4 relative)."""
-    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: 2)
+    monkeypatch.setattr(fr, "clients_per_batch", lambda model, device: 2)
     monkeypatch.setattr(fl, "cores", lambda device: 2)
     torch.manual_seed(0)
     ds = data.load_dataset("digits")
