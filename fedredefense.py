@@ -203,6 +203,52 @@ class Col2im(torch.autograd.Function):
         return patches(grad.contiguous()), None
 
 
+class Conv(torch.autograd.Function):
+    """A 3x3 convolution as a product with its patches, z = patches w^T + b (``patches`` [clients, rows, 9C], ``w``
+    [clients, C', 9C]), for ``cnn_gradient``'s conv2, whose patches have one more use: the weight gradient d^T
+    patches (``ConvWeightGradient``, d = dL/dz). The patches' gradient has a term from each, g w + d g_w. Autograd
+    takes two products with C' (50) columns and adds them; this backward takes one product of the stacked factors,
+    [g, d] [w; g_w], which the weight gradient's backward leaves in ``link``. One thread, 13 FashionMNIST
+    clients: 32.3 client outer iterations/s against 30.6 (a 1024^2 matmul at 181 GFLOP/s). Not used for conv1,
+    whose patches' gradient is narrow (9 columns): there the stacking lost 3%."""
+
+    @staticmethod
+    def forward(ctx, patches, w, b, link):
+        ctx.save_for_backward(patches, w)
+        ctx.link = link
+        return torch.baddbmm(b.unsqueeze(1), patches, w.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        patches, w = ctx.saved_tensors
+        rows, weights = [grad], [w]
+        if "term" in ctx.link:
+            d, g_w = ctx.link.pop("term")
+            rows.append(d)
+            weights.append(g_w)
+        return torch.cat(rows, 2) @ torch.cat(weights, 1), grad.transpose(1, 2) @ patches, grad.sum(1), None
+
+
+class ConvWeightGradient(torch.autograd.Function):
+    """d^T patches, the weight gradient of ``Conv`` for its output gradient ``d``. Its backward leaves its patches
+    term (d, g_w) to ``Conv``'s backward through ``link``. It must run first, and does: autograd runs the nodes
+    made later first, and this one is made after the ``Conv`` it belongs to (it takes dL/dz)."""
+
+    @staticmethod
+    def forward(ctx, d, patches, link):
+        ctx.save_for_backward(d, patches)
+        ctx.link = link
+        return d.transpose(1, 2) @ patches
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_w):
+        d, patches = ctx.saved_tensors
+        ctx.link["term"] = d, g_w
+        return patches @ g_w.transpose(1, 2), None, None
+
+
 def pooled_part(x):
     """The part of a padded input [clients, n, H, W, C] that a 3x3 convolution followed by 2x2 max-pooling reads:
     pooling drops an odd output's last row and column, so its convolution is not computed (the FashionMNIST CNN's
@@ -306,7 +352,8 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     used = pooled_part(padded)
     patches2 = Patches.apply(used)
     side2 = used.shape[2] - 2  # conv2's output side that pooling reads
-    pooled2, where2 = pool(torch.baddbmm(c2b.unsqueeze(1), patches2, c2w.transpose(1, 2)), n, side2)
+    link2 = {}
+    pooled2, where2 = pool(Conv.apply(patches2, c2w, c2b, link2), n, side2)
     a2 = pooled2.relu().permute(0, 2, 3, 1).reshape(clients, n, -1)
     h = (fc1.forward(a2) + f1b.unsqueeze(1)).relu()
     logits = fc2.forward(h) + f2b.unsqueeze(1)
@@ -320,7 +367,7 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     d_a1 = d_padded[:, :, pad:pad + side1 // 2, pad:pad + side1 // 2]
     d_a1 = d_a1.permute(0, 1, 4, 2, 3).reshape(pooled1.shape) * (pooled1 > 0)
     d_z1 = unpool(d_a1, where1, side1, clients)
-    return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), d_z2.transpose(1, 2) @ patches2, d_z2.sum(1),
+    return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), ConvWeightGradient.apply(d_z2, patches2, link2), d_z2.sum(1),
             (d_h, a2), d_h.sum(1), (d_logits, h), d_logits.sum(1))
 
 

@@ -295,6 +295,32 @@ def test_factored_weight_is_the_explicit_weight_after_its_steps():
     torch.testing.assert_close(factored.delta(), explicit - w0)
 
 
+@pytest.mark.parametrize("d_from_z", [False, True])
+def test_conv_and_its_weight_gradient_have_autogradss_gradients(d_from_z):
+    """Conv and ConvWeightGradient, one sharing its patches' gradient with the other through their link, give the
+    gradients autograd gives the plain products, float64, with d computed from z (as in cnn_gradient) and with d
+    an independent leaf: either way the weight gradient's backward runs first and Conv stacks its term."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    patches, w, b, leaf = rand(2, 7, 12), rand(2, 5, 12), rand(2, 5), rand(2, 7, 5)
+    r_z, r_w = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64), torch.randn(2, 5, 12, generator=gen,
+                                                                                  dtype=torch.float64)
+
+    def loss(conv, weight_gradient):
+        z = conv(patches, w, b)
+        d = z.tanh() * leaf if d_from_z else leaf
+        return (z * r_z).sum() + (weight_gradient(d, patches) * r_w).sum()
+
+    link = {}
+    fast = torch.autograd.grad(loss(lambda p, w, b: fr.Conv.apply(p, w, b, link),
+                                    lambda d, p: fr.ConvWeightGradient.apply(d, p, link)), (patches, w, b, leaf))
+    plain = torch.autograd.grad(loss(lambda p, w, b: torch.baddbmm(b.unsqueeze(1), p, w.transpose(1, 2)),
+                                     lambda d, p: d.transpose(1, 2) @ p), (patches, w, b, leaf))
+    assert link == {}  # the term was taken
+    for got, expected in zip(fast, plain):
+        torch.testing.assert_close(got, expected)
+
+
 def test_patches_and_col2im_are_adjoint_and_their_backwards_are_each_other():
     """<patches(x), y> = <x, col2im(y)>, and the autograd Functions' backwards are autograd's own."""
     gen = torch.Generator().manual_seed(0)
