@@ -417,9 +417,9 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
     its last finite error (inf if none). The clients still running are evaluated in batches of at most
     ``clients_per_batch``, spread evenly over the cores (``core_batches``), one batch per core at a time
-    (``fl.on_cores``); they are independent, so the batching changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]), iterations counting evaluations of the
-    unrolled training: the outer iterations of Table 9's AOI (an early stop at the first check counts 1, as in
-    the official code).
+    (``fl.on_cores``); they are independent, so the batching changes the speed only. Returns (e [n], stacked
+    K_i^t, iterations [n]), iterations counting evaluations of the unrolled training: the outer iterations of
+    Table 9's AOI (an early stop at the first check counts 1, as in the official code).
     """
     params = [t.clone() for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
