@@ -278,13 +278,14 @@ def test_hand_written_cnn_simulation_equals_the_autograd_reference(channels, sid
             torch.testing.assert_close(leaf.grad[i], grad_ref, rtol=1e-10, atol=1e-12 * grad_ref.abs().max().item())
 
 
-def test_factored_weight_is_the_explicit_weight_after_its_steps():
-    """Factored after three gradient steps: x W^T, d W and W - W0 equal those of the weight written out,
-    W0 - sum of alpha_i d_out^T x per client (float64)."""
+@pytest.mark.parametrize("kind", [fr.Factored, fr.Dense])
+def test_a_fully_connected_weight_is_the_explicit_weight_after_its_steps(kind):
+    """Factored and Dense after three gradient steps: x W^T, d W and W - W0 equal those of the weight written
+    out, W0 - sum of alpha_i d_out^T x per client (float64)."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     w0, lrs = rand(4, 6), torch.tensor([0.1, 0.3], dtype=torch.float64)
-    factored, explicit = fr.Factored.start(w0, 2), w0.expand(2, 4, 6)
+    factored, explicit = kind.start(w0, 2), w0.expand(2, 4, 6)
     for _ in range(3):
         d_out, x = rand(2, 5, 4), rand(2, 5, 6)
         factored = factored.step(lrs, d_out, x)
