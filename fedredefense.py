@@ -145,7 +145,7 @@ def simulated_updates(model, w0, images, label_logits, lrs, steps):
 
     # Measured on one thread, client outer iterations/s at 1 / 25 clients (a 1024^2 matmul at 194-216 GFLOP/s), the
     # hand-written path against the plain loop: FashionMNIST 30.5 / 33.2 against 20.1 / 19.3, CIFAR 14.2 / 17.1
-    # against 6.1 / 6.3 (this function's vmapped path: 9.6 / 10.0), digits 90.6 / 219 against 68.8 / 72.7. The
+    # against 6.1 / 6.3 (this function's vmapped path: 9.6 / 10.0), digits 84.9 / 196 against 66.6 / 67.5. The
     # vmapped path is slower on the 1-channel CNNs too (FashionMNIST, 1 client: 21.1 against 28.7 hand-written).
     if type(model) is fl.CNN:
         return cnn_simulated_updates(model, w0, images, label_logits, lrs, steps)
