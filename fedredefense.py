@@ -136,18 +136,18 @@ def simulated_updates(model, w0, images, label_logits, lrs, steps):
     """w_hat_N - w_hat_0 ``[n, d]`` for a batch of clients (leading dimension of every argument but the flat
     ``w0``): ``simulate_training``, one client's knowledge and learning rate per row, vmapped over the clients
     (a single client runs without vmap, which then only costs). ``fl.CNN`` takes the same computation written out
-    by hand, ``cnn_simulated_updates``, on 1-channel images. Shared by FedREDefense and FedDefuse."""
+    by hand, ``cnn_simulated_updates``. Shared by FedREDefense and FedDefuse."""
     layers = fl.unflatten(model, w0)
 
     def one(x, y, a):
         w_hat = simulate_training(model, layers, x, y, a, steps)
         return torch.cat([(w_n - w_0).reshape(-1) for w_n, w_0 in zip(w_hat, layers)])
 
-    # Measured on one thread, client outer iterations/s (hand-written / this function's path / plain loop): the
-    # 1-channel CNNs gain (FashionMNIST 29.0 / 21.0 / 19.0 for one client, 26.9 / 19.5 / 18.9 for 13; digits
-    # 92.8 / 61.8 / 65.3 and 196 / 124 / 65.7), the CIFAR CNN, one client a batch on a CPU, loses (8.1 / 9.4 / 6.0):
-    # its larger convolutions run faster in oneDNN than as im2col products.
-    if type(model) is fl.CNN and model.conv1.in_channels == 1:
+    # Measured on one thread, client outer iterations/s at 1 / 25 clients (a 1024^2 matmul at 194-216 GFLOP/s), the
+    # hand-written path against the plain loop: FashionMNIST 30.5 / 33.2 against 20.1 / 19.3, CIFAR 14.2 / 17.1
+    # against 6.1 / 6.3 (this function's vmapped path: 9.6 / 10.0), digits 84.9 / 196 against 66.6 / 67.5. The
+    # vmapped path is slower on the 1-channel CNNs too (FashionMNIST, 1 client: 21.1 against 28.7 hand-written).
+    if type(model) is fl.CNN:
         return cnn_simulated_updates(model, w0, images, label_logits, lrs, steps)
     if len(images) == 1:
         return one(images[0], label_logits[0], lrs[0])[None]
@@ -190,7 +190,9 @@ class Patches(torch.autograd.Function):
 
 
 class Col2im(torch.autograd.Function):
-    """``col2im``, whose backward is ``patches``."""
+    """``col2im``, whose backward is ``patches`` of the gradient made channels-last first: the gradient arrives
+    channels-first in memory (from pooling's backward), and ``patches`` copies it 8x slower so (25 clients' conv2
+    input gradient on FashionMNIST: 9.5 ms against 1.3 with the copy, one thread)."""
 
     @staticmethod
     def forward(ctx, cols, shape):
@@ -199,7 +201,53 @@ class Col2im(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return patches(grad), None
+        return patches(grad.contiguous()), None
+
+
+class Conv(torch.autograd.Function):
+    """A 3x3 convolution as a product with its patches, z = patches w^T + b (``patches`` [clients, rows, 9C], ``w``
+    [clients, C', 9C]), for ``cnn_gradient``'s conv2, whose patches have one more use: the weight gradient d^T
+    patches (``ConvWeightGradient``, d = dL/dz). The patches' gradient has a term from each, g w + d g_w. Autograd
+    takes two products with C' (50) columns and adds them; this backward takes one product of the stacked factors,
+    [g, d] [w; g_w], which the weight gradient's backward leaves in ``link``. One thread, 13 FashionMNIST
+    clients: 32.3 client outer iterations/s against 30.6 (a 1024^2 matmul at 181 GFLOP/s). Not used for conv1,
+    whose patches' gradient is narrow (9 columns): there the stacking lost 3%."""
+
+    @staticmethod
+    def forward(ctx, patches, w, b, link):
+        ctx.save_for_backward(patches, w)
+        ctx.link = link
+        return torch.baddbmm(b.unsqueeze(1), patches, w.transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        patches, w = ctx.saved_tensors
+        rows, weights = [grad], [w]
+        if "term" in ctx.link:
+            d, g_w = ctx.link.pop("term")
+            rows.append(d)
+            weights.append(g_w)
+        return torch.cat(rows, 2) @ torch.cat(weights, 1), grad.transpose(1, 2) @ patches, grad.sum(1), None
+
+
+class ConvWeightGradient(torch.autograd.Function):
+    """d^T patches, the weight gradient of ``Conv`` for its output gradient ``d``. Its backward leaves its patches
+    term (d, g_w) to ``Conv``'s backward through ``link``. It must run first, and does: autograd runs the nodes
+    made later first, and this one is made after the ``Conv`` it belongs to (it takes dL/dz)."""
+
+    @staticmethod
+    def forward(ctx, d, patches, link):
+        ctx.save_for_backward(d, patches)
+        ctx.link = link
+        return d.transpose(1, 2) @ patches
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_w):
+        d, patches = ctx.saved_tensors
+        ctx.link["term"] = d, g_w
+        return patches @ g_w.transpose(1, 2), None, None
 
 
 def pooled_part(x):
@@ -225,16 +273,83 @@ def unpool(grad, where, side, clients):
         clients, -1, grad.shape[1])
 
 
+class Factored:
+    """A fully connected weight after some gradient steps, kept as its factors: W = W0 + sum_j u_j^T v_j.
+
+    A step's weight gradient d_out^T x is the product of the layer's output gradient and its input over the n
+    images, of rank n (10), while the weight is [out, in] (the CIFAR CNN's fc1: 512 x 2304). Kept as factors, a step
+    costs products with the n-row factors instead of writing a full weight and its gradient: on one thread the
+    unfactored CIFAR CNN spent 46% of its time on fc1's weights. W0 [out, in] is shared by the clients; u
+    [clients, r, out] and v [clients, r, in] hold the r = steps * n rows taken so far, u scaled by -alpha."""
+
+    def __init__(self, w0, u, v):
+        self.w0, self.u, self.v = w0, u, v
+
+    @staticmethod
+    def start(w0, clients):
+        return Factored(w0, w0.new_zeros(clients, 0, w0.shape[0]), w0.new_zeros(clients, 0, w0.shape[1]))
+
+    def forward(self, x):
+        """x W^T for x [clients, n, in]."""
+        return x @ self.w0.T + (x @ self.v.transpose(1, 2)) @ self.u
+
+    def backward(self, d_out):
+        """d_out W for d_out [clients, n, out]: the gradient of the layer's input."""
+        return d_out @ self.w0 + (d_out @ self.u.transpose(1, 2)) @ self.v
+
+    def step(self, lrs, d_out, x):
+        """W - alpha * d_out^T x, one learning rate per client."""
+        return Factored(self.w0, torch.cat([self.u, -lrs.view(-1, 1, 1) * d_out], 1), torch.cat([self.v, x], 1))
+
+    def delta(self):
+        """W - W0 [clients, out, in]."""
+        return self.u.transpose(1, 2) @ self.v
+
+
+class Dense:
+    """A fully connected weight kept whole, W [clients, out, in], with ``Factored``'s methods."""
+
+    def __init__(self, w0, w):
+        self.w0, self.w = w0, w
+
+    @staticmethod
+    def start(w0, clients):
+        return Dense(w0, w0.expand(clients, *w0.shape))
+
+    def forward(self, x):
+        return x @ self.w.transpose(1, 2)
+
+    def backward(self, d_out):
+        return d_out @ self.w
+
+    def step(self, lrs, d_out, x):
+        return Dense(self.w0, self.w - lrs.view(-1, 1, 1) * (d_out.transpose(1, 2) @ x))
+
+    def delta(self):
+        return self.w - self.w0
+
+
+def fully_connected(w0, clients):
+    """A fully connected layer's weight for ``clients`` clients: ``Factored`` where the weight is large (100k entries
+    or more: the FashionMNIST and CIFAR CNNs' fc1), ``Dense`` where it is small, which the factors' extra
+    operations can cost more than they save. Chosen by the weight alone, so that a client's arithmetic does not
+    depend on how many clients share its batch (an adaptive attacker's test must round as the server's). One
+    thread, client outer iterations/s with fc1 factored / whole (a 1024^2 matmul at about 190 GFLOP/s): the digits
+    CNN's (100 x 200), one client 74.7 / 81.0, 13 clients 196 / 180; the FashionMNIST CNN's (100 x 1250), 13
+    clients 33.4 / 29.0."""
+    return (Factored if w0.numel() >= 100_000 else Dense).start(w0, clients)
+
+
 def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
     """``simulated_updates`` for ``fl.CNN``, with the inner gradient written out by hand (forward and backward
     of the CNN as batched matrix products over the clients) instead of torch.func.grad under vmap. The same
     computation: w_hat_{n+1} = w_hat_n - alpha * grad f(K, w_hat_n), every operation differentiable, so autograd
     takes the outer gradient through the N steps. Activations are channels-last, convolutions are matrix products
     with ``patches`` (conv1's depend on the images only, so they are built once for all N steps), pooling is
-    ``F.max_pool2d`` on channels-last views. The convolution kernels are kept as (ky, kx, C) and fc1's columns as
-    (h, w, c), and put back in the flat order at the end. Its speed, measured: ``simulated_updates``' comment.
-    The vmapped path pays for oneDNN's grouped convolutions (vmap over clients), autograd's zero-filled backward
-    of every slice, and max-pooling with indices in NCHW."""
+    ``F.max_pool2d`` on channels-last views, the fully connected weights are ``fully_connected``'s. The convolution
+    kernels are kept as (ky, kx, C) and fc1's columns as (h, w, c), and put back in the flat order at the end. Its
+    speed, measured: ``simulated_updates``' comment. The vmapped path pays for oneDNN's grouped convolutions (vmap
+    over clients), autograd's zero-filled backward of every slice, and max-pooling with indices in NCHW."""
     pad = model.conv1.padding[0]
     clients, n, channels, side = images.shape[:4]
     c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b = fl.unflatten(model, w0)
@@ -242,15 +357,18 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
     cells = f1w.shape[1] // c2  # pooled positions after conv2
     start = (c1w.permute(0, 2, 3, 1).reshape(c1, -1), c1b, c2w.permute(0, 2, 3, 1).reshape(c2, -1), c2b,
              f1w.view(hidden, c2, cells).transpose(1, 2).reshape(hidden, -1), f1b, f2w, f2b)
-    w = [t.expand(clients, *t.shape) for t in start]
+    w = [*(t.expand(clients, *t.shape) for t in start[:4]), fully_connected(start[4], clients),
+         f1b.expand(clients, -1), fully_connected(f2w, clients), f2b.expand(clients, -1)]
     padded = F.pad(images.permute(0, 1, 3, 4, 2), (0, 0, pad, pad, pad, pad))
     patches1 = Patches.apply(pooled_part(padded))
     targets = label_logits.softmax(-1)
     total = targets.sum(-1, keepdim=True)
     for _ in range(steps):
         grads = cnn_gradient(w, patches1, targets, total, pad, n, (side + 2 * pad - 2) // 2 * 2)
-        w = [w_n - lrs.view(-1, *[1] * (w_n.dim() - 1)) * grad for w_n, grad in zip(w, grads)]
-    d1w, d1b, d2w, d2b, df1w, df1b, df2w, df2b = [w_n - w_0 for w_n, w_0 in zip(w, start)]
+        w = [w_n.step(lrs, *grad) if isinstance(w_n, (Factored, Dense))
+             else w_n - lrs.view(-1, *[1] * (w_n.dim() - 1)) * grad for w_n, grad in zip(w, grads)]
+    d1w, d1b, d2w, d2b, df1w, df1b, df2w, df2b = [w_n.delta() if isinstance(w_n, (Factored, Dense)) else w_n - w_0
+                                                  for w_n, w_0 in zip(w, start)]
     delta = (d1w.view(clients, c1, 3, 3, channels).permute(0, 1, 4, 2, 3), d1b,
              d2w.view(clients, c2, 3, 3, c1).permute(0, 1, 4, 2, 3), d2b,
              df1w.view(clients, hidden, cells, c2).transpose(2, 3), df1b, df2w, df2b)
@@ -259,8 +377,9 @@ def cnn_simulated_updates(model, w0, images, label_logits, lrs, steps):
 
 def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     """grad f(K, w) for every client's weights ``w`` in ``cnn_simulated_updates``'s layout, by hand; ``side1``
-    is conv1's output side that pooling reads (even)."""
-    (c1w, c1b, c2w, c2b, f1w, f1b, f2w, f2b), clients = w, len(patches1)
+    is conv1's output side that pooling reads (even). The fully connected layers' weight gradients are returned
+    as their factors (the layer's output gradient, its input), as ``Factored.step`` takes them."""
+    (c1w, c1b, c2w, c2b, fc1, f1b, fc2, f2b), clients = w, len(patches1)
     c1, c2 = c1w.shape[1], c2w.shape[1]
     pooled1, where1 = pool(torch.baddbmm(c1b.unsqueeze(1), patches1, c1w.transpose(1, 2)), n, side1)
     a1 = pooled1.relu().permute(0, 2, 3, 1).reshape(clients, n, side1 // 2, side1 // 2, c1)
@@ -268,22 +387,23 @@ def cnn_gradient(w, patches1, targets, total, pad, n, side1):
     used = pooled_part(padded)
     patches2 = Patches.apply(used)
     side2 = used.shape[2] - 2  # conv2's output side that pooling reads
-    pooled2, where2 = pool(torch.baddbmm(c2b.unsqueeze(1), patches2, c2w.transpose(1, 2)), n, side2)
+    link2 = {}
+    pooled2, where2 = pool(Conv.apply(patches2, c2w, c2b, link2), n, side2)
     a2 = pooled2.relu().permute(0, 2, 3, 1).reshape(clients, n, -1)
-    h = torch.baddbmm(f1b.unsqueeze(1), a2, f1w.transpose(1, 2)).relu()
-    logits = torch.baddbmm(f2b.unsqueeze(1), h, f2w.transpose(1, 2))
+    h = (fc1.forward(a2) + f1b.unsqueeze(1)).relu()
+    logits = fc2.forward(h) + f2b.unsqueeze(1)
     # soft_cross_entropy's gradient: log_softmax's backward of -targets / (n * classes)
     d_logits = (logits.softmax(-1) * total - targets) / targets[0].numel()
-    d_h = (d_logits @ f2w) * (h > 0)
-    d_a2 = (d_h @ f1w) * (a2 > 0)
+    d_h = fc2.backward(d_logits) * (h > 0)
+    d_a2 = fc1.backward(d_h) * (a2 > 0)
     d_z2 = unpool(d_a2.view(pooled2.shape[0], *pooled2.shape[2:], c2).permute(0, 3, 1, 2), where2, side2, clients)
     dropped = padded.shape[2] - used.shape[2]
     d_padded = F.pad(Col2im.apply(d_z2 @ c2w, used.shape), (0, 0, 0, dropped, 0, dropped))
     d_a1 = d_padded[:, :, pad:pad + side1 // 2, pad:pad + side1 // 2]
     d_a1 = d_a1.permute(0, 1, 4, 2, 3).reshape(pooled1.shape) * (pooled1 > 0)
     d_z1 = unpool(d_a1, where1, side1, clients)
-    return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), d_z2.transpose(1, 2) @ patches2, d_z2.sum(1),
-            d_h.transpose(1, 2) @ a2, d_h.sum(1), d_logits.transpose(1, 2) @ h, d_logits.sum(1))
+    return (d_z1.transpose(1, 2) @ patches1, d_z1.sum(1), ConvWeightGradient.apply(d_z2, patches2, link2), d_z2.sum(1),
+            (d_h, a2), d_h.sum(1), (d_logits, h), d_logits.sum(1))
 
 
 def reconstruction_error(reconstructed, g, eps=1e-9):
@@ -291,12 +411,23 @@ def reconstruction_error(reconstructed, g, eps=1e-9):
     return ((reconstructed - g).pow(2).sum(-1) + eps) / (g.pow(2).sum(-1) + eps)
 
 
-def clients_per_batch(n_params, device):
-    """How many clients one batched evaluation (vmapped, or ``cnn_simulated_updates``) holds at most. On a CPU,
-    batching pays while the layers are small and loses once the arithmetic dominates (measured with ``python
-    bench.py``), so a CPU batch holds at most 2M parameters (14 clients of the FashionMNIST CNN, one of the CIFAR
-    CNN). A GPU takes a whole round at once (not measured)."""
-    return max(1, 2_000_000 // n_params) if torch.device(device).type == "cpu" else 1_000_000
+def clients_per_batch(model, device):
+    """How many clients one batched evaluation (``cnn_simulated_updates``, or vmapped) holds at most. A GPU takes a
+    whole round at once (not measured). On a CPU, ``fl.CNN``'s hand-written path holds 16 clients: larger batches
+    gain little (one thread, client outer iterations/s at 1 / 2 / 4 / 12 clients a batch: CIFAR 13.9 / 15.8 /
+    16.3 / 16.8; FashionMNIST at 2 / 7 / 14: 32.8 / 33.2 / 33.4), and 16 CIFAR clients hold about 1 GB. The vmapped
+    path holds at most 2M parameters: batching pays while the layers are small and loses once the arithmetic
+    dominates (measured with ``python bench.py``)."""
+    if torch.device(device).type != "cpu":
+        return 1_000_000
+    return 16 if type(model) is fl.CNN else max(1, 2_000_000 // sum(p.numel() for p in model.parameters()))
+
+
+def core_batches(clients, most, cores):
+    """``clients`` in batches of at most ``most``, as even as can be, their number a multiple of ``cores`` where
+    there are clients enough, so that every core gets a batch and none waits on a larger one."""
+    count = -(-len(clients) // most)
+    return clients.tensor_split(min(len(clients), -(-count // cores) * cores))
 
 
 def outer_gradient(model, w_global, params, updates, clients, caps, m, hp):
@@ -319,22 +450,22 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     Each client's outer loop takes SGD steps (momentum 0.5) on its own K_i and alpha_i against its own loss
     L_m = e(w_hat_N - w_hat_0, g_i) through the N unrolled inner steps, and stops as soon as e < gamma or its
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
-    its last finite error (inf if none). The clients still running are evaluated in batches of
-    ``clients_per_batch``, one batch per core at a time (``fl.on_cores``); they are independent, so the batching
-    changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]), iterations counting evaluations of the
-    unrolled training: the outer iterations of Table 9's AOI (an early stop at the first check counts 1, as in
-    the official code).
+    its last finite error (inf if none). The clients still running are evaluated in batches of at most
+    ``clients_per_batch``, spread evenly over the cores (``core_batches``), one batch per core at a time
+    (``fl.on_cores``); they are independent, so the batching changes the speed only. Returns (e [n], stacked
+    K_i^t, iterations [n]), iterations counting evaluations of the unrolled training: the outer iterations of
+    Table 9's AOI (an early stop at the first check counts 1, as in the official code).
     """
     params = [t.clone() for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]
     lrs = (hp.lr_images, hp.lr_labels, hp.lr_alpha)
-    n, most = len(updates), clients_per_batch(updates.shape[1], updates.device)
+    n, most, cores = len(updates), clients_per_batch(model, updates.device), fl.cores(updates.device)
     errors, iterations = torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.long)
     active = torch.arange(n)
     for m in range(int(caps.max()) + 1):
         fl.show_progress(lambda: f"reconstructing {len(active)} of {n} updates: outer iteration {m + 1}, at most "
                                  f"{int(caps[active].max()) + 1}")
-        batches = active.split(most)
+        batches = core_batches(active, most, cores)
         evaluated = fl.on_cores(lambda model_, clients: outer_gradient(model_, w_global, params, updates, clients,
                                                                        caps, m, hp), batches, model)
         stepping = []

@@ -100,7 +100,7 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
     the CNN as Table 5 writes it (ReLU before pooling): the same errors (1e-4 relative) and, after 6 outer steps,
     the same K (so the same outer gradients at every step). The batches run on two worker threads."""
     model, w, updates, _ = digits_round
-    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: batch)
+    monkeypatch.setattr(fr, "clients_per_batch", lambda model, device: batch)
     monkeypatch.setattr(fl, "cores", lambda device: 2)
     hp = dataclasses.replace(HP, gamma=0.0)  # no early stop: every client takes all its steps
     gen = torch.Generator().manual_seed(5)
@@ -114,6 +114,15 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
         for fast, plain in zip((learned.images[i], learned.label_logits[i], learned.alpha[i]),
                                (k_plain.images, k_plain.label_logits, k_plain.alpha)):
             assert not torch.equal(plain, k_i.images) and torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("clients, most, cores, sizes", [
+    (25, 16, 2, [13, 12]), (10, 16, 2, [5, 5]), (100, 16, 2, [13, 13, 13, 13, 12, 12, 12, 12]), (1, 16, 2, [1]),
+    (3, 1, 2, [1, 1, 1]), (7, 16, 1, [7]), (40, 16, 1, [14, 13, 13])])
+def test_core_batches_are_even_at_most_most_and_a_multiple_of_the_cores(clients, most, cores, sizes):
+    batches = fr.core_batches(torch.arange(clients) + 100, most, cores)
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches), torch.arange(clients) + 100)
 
 
 @pytest.mark.xdist_group("first_reconstruction")  # one worker computes the fixture once
@@ -269,6 +278,50 @@ def test_hand_written_cnn_simulation_equals_the_autograd_reference(channels, sid
             torch.testing.assert_close(leaf.grad[i], grad_ref, rtol=1e-10, atol=1e-12 * grad_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", [fr.Factored, fr.Dense])
+def test_a_fully_connected_weight_is_the_explicit_weight_after_its_steps(kind):
+    """Factored and Dense after three gradient steps: x W^T, d W and W - W0 equal those of the weight written
+    out, W0 - sum of alpha_i d_out^T x per client (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    w0, lrs = rand(4, 6), torch.tensor([0.1, 0.3], dtype=torch.float64)
+    factored, explicit = kind.start(w0, 2), w0.expand(2, 4, 6)
+    for _ in range(3):
+        d_out, x = rand(2, 5, 4), rand(2, 5, 6)
+        factored = factored.step(lrs, d_out, x)
+        explicit = explicit - lrs.view(2, 1, 1) * d_out.transpose(1, 2) @ x
+    x, d = rand(2, 5, 6), rand(2, 5, 4)
+    torch.testing.assert_close(factored.forward(x), x @ explicit.transpose(1, 2))
+    torch.testing.assert_close(factored.backward(d), d @ explicit)
+    torch.testing.assert_close(factored.delta(), explicit - w0)
+
+
+@pytest.mark.parametrize("d_from_z", [False, True])
+def test_conv_and_its_weight_gradient_have_autogradss_gradients(d_from_z):
+    """Conv and ConvWeightGradient, one sharing its patches' gradient with the other through their link, give the
+    gradients autograd gives the plain products, float64, with d computed from z (as in cnn_gradient) and with d
+    an independent leaf: either way the weight gradient's backward runs first and Conv stacks its term."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    patches, w, b, leaf = rand(2, 7, 12), rand(2, 5, 12), rand(2, 5), rand(2, 7, 5)
+    r_z, r_w = torch.randn(2, 7, 5, generator=gen, dtype=torch.float64), torch.randn(2, 5, 12, generator=gen,
+                                                                                  dtype=torch.float64)
+
+    def loss(conv, weight_gradient):
+        z = conv(patches, w, b)
+        d = z.tanh() * leaf if d_from_z else leaf
+        return (z * r_z).sum() + (weight_gradient(d, patches) * r_w).sum()
+
+    link = {}
+    fast = torch.autograd.grad(loss(lambda p, w, b: fr.Conv.apply(p, w, b, link),
+                                    lambda d, p: fr.ConvWeightGradient.apply(d, p, link)), (patches, w, b, leaf))
+    plain = torch.autograd.grad(loss(lambda p, w, b: torch.baddbmm(b.unsqueeze(1), p, w.transpose(1, 2)),
+                                     lambda d, p: d.transpose(1, 2) @ p), (patches, w, b, leaf))
+    assert link == {}  # the term was taken
+    for got, expected in zip(fast, plain):
+        torch.testing.assert_close(got, expected)
+
+
 def test_patches_and_col2im_are_adjoint_and_their_backwards_are_each_other():
     """<patches(x), y> = <x, col2im(y)>, and the autograd Functions' backwards are autograd's own."""
     gen = torch.Generator().manual_seed(0)
@@ -378,7 +431,7 @@ def test_reconstruct_on_the_authors_convnet_equals_the_plain_loop(monkeypatch, s
     """With the authors' ConvNet (instance norm, average pooling) in its channels-last format, clients vmapped two at
     a time on two worker threads: the errors and the K after 4 outer steps of the plain flat-vector loop on the NCHW
     model, one client at a time (genuine digits updates of the ConvNet; 1e-4 relative)."""
-    monkeypatch.setattr(fr, "clients_per_batch", lambda n_params, device: 2)
+    monkeypatch.setattr(fr, "clients_per_batch", lambda model, device: 2)
     monkeypatch.setattr(fl, "cores", lambda device: 2)
     torch.manual_seed(0)
     ds = data.load_dataset("digits")
