@@ -117,9 +117,10 @@ def test_reconstruct_equals_the_plain_flat_vector_loop_whatever_the_batching(dig
 
 
 @pytest.mark.parametrize("clients, most, cores, sizes", [
-    (25, 16, 2, [13, 12]), (10, 16, 2, [5, 5]), (100, 16, 2, [13, 13, 13, 13, 12, 12, 12, 12]), (1, 16, 2, [1]),
-    (3, 1, 2, [1, 1, 1]), (7, 16, 1, [7]), (40, 16, 1, [14, 13, 13])])
-def test_core_batches_are_even_at_most_most_and_a_multiple_of_the_cores(clients, most, cores, sizes):
+    (25, 32, 2, [25]), (10, 16, 2, [10]), (1, 16, 2, [1]),                  # they fit in one batch
+    (25, 16, 2, [13, 12]), (100, 32, 2, [25, 25, 25, 25]), (100, 16, 2, [13, 13, 13, 13, 12, 12, 12, 12]),
+    (3, 1, 2, [1, 1, 1]), (40, 16, 1, [14, 13, 13])])
+def test_core_batches_are_one_or_even_at_most_most_and_a_multiple_of_the_cores(clients, most, cores, sizes):
     batches = fr.core_batches(torch.arange(clients) + 100, most, cores)
     assert [len(b) for b in batches] == sizes
     assert torch.equal(torch.cat(batches), torch.arange(clients) + 100)
