@@ -455,11 +455,11 @@ def reconstruct(model, w_global, updates, knowledge, caps, hp):
     Each client's outer loop takes SGD steps (momentum 0.5) on its own K_i and alpha_i against its own loss
     L_m = e(w_hat_N - w_hat_0, g_i) through the N unrolled inner steps, and stops as soon as e < gamma or its
     cap is spent; clients that have stopped leave the batch. An error that overflows stops its client, which keeps
-    its last finite error (inf if none). The clients still running are evaluated in batches of at most
-    ``clients_per_batch``, spread evenly over the cores (``core_batches``), one batch per core at a time
-    (``fl.on_cores``); they are independent, so the batching changes the speed only. Returns (e [n], stacked
-    K_i^t, iterations [n]), iterations counting evaluations of the unrolled training: the outer iterations of
-    Table 9's AOI (an early stop at the first check counts 1, as in the official code).
+    its last finite error (inf if none). The clients still running are evaluated in one batch where they fit in
+    ``clients_per_batch``, else in even batches, one per core at a time (``core_batches``, ``fl.on_cores``); they
+    are independent, so the batching changes the speed only. Returns (e [n], stacked K_i^t, iterations [n]),
+    iterations counting evaluations of the unrolled training: the outer iterations of Table 9's AOI (an early stop
+    at the first check counts 1, as in the official code).
     """
     params = [t.clone() for t in (knowledge.images, knowledge.label_logits, knowledge.alpha)]
     velocity = [torch.zeros_like(p) for p in params]

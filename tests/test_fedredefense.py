@@ -298,7 +298,7 @@ def test_a_fully_connected_weight_is_the_explicit_weight_after_its_steps(kind):
 
 
 @pytest.mark.parametrize("d_from_z", [False, True])
-def test_conv_and_its_weight_gradient_have_autogradss_gradients(d_from_z):
+def test_conv_and_its_weight_gradient_have_autograds_gradients(d_from_z):
     """Conv and ConvWeightGradient, one sharing its patches' gradient with the other through their link, give the
     gradients autograd gives the plain products, float64, with d computed from z (as in cnn_gradient) and with d
     an independent leaf: either way the weight gradient's backward runs first and Conv stacks its term."""
