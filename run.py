@@ -815,7 +815,8 @@ def scale_of(config):
     """One line naming the scale a run used (--scale and what it set), beside its threat model everywhere."""
     c = config if isinstance(config, dict) else vars(config)
     images = "all" if c.get("train_size") is None else f"{c['train_size']:,}"
-    return f"{c.get('scale', 'laptop')} scale ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
+    name = "digits' one scale" if c.get("dataset") == "digits" else f"{c.get('scale', 'laptop')} scale"  # no --scale
+    return f"{name} ({c['clients']} clients, {images} training images, {c['rounds']} rounds)"
 
 
 def pct(v):

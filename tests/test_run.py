@@ -76,6 +76,12 @@ def test_each_scale_sets_the_clients_rounds_participants_and_training_images(arg
         (clients, malicious, participants, rounds, train_size)
 
 
+def test_the_scale_line_names_a_scale_only_where_scale_applies():
+    assert run.scale_of(run.parse_args(["--dataset", "fmnist"])) == \
+        "laptop scale (25 clients, 15,000 training images, 100 rounds)"
+    assert run.scale_of(run.parse_args([])) == "digits' one scale (25 clients, all training images, 40 rounds)"
+
+
 def test_attack_patterns():
     is_mal = torch.tensor([False, True, True, True])
     rng = torch.Generator().manual_seed(0)
