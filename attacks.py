@@ -545,6 +545,30 @@ def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, sc
     return scale * (fl.flatten_params(model) - w_global)
 
 
+def visible_trigger(model, pixels, sample_shape):
+    """The trigger ``pixels`` moved up and left, a pixel at a time, until ``model`` reads every one of them.
+
+    The attacker holds the global model, so it plants its trigger where the model can see it. The FedREDefense
+    code's pixels (``data.trigger_pixels``: rows and columns 24-26) are read by its ConvNet, by the MLP, and by the
+    paper's CNN (Table 5, ``fl.CNN``) on 8- and 32-pixel images. On 28-pixel images that CNN, with valid
+    convolutions, reads rows and columns 0-25 only: its second 2x2 max-pool floors 11 rows to 5 and drops the last.
+    Three of the four pixels would be invisible to it, and the backdoor could not be learned (RESULTS, "The trigger
+    and what the model reads"). There the pattern moves by one pixel, to (25,25), (23,25), (25,23), (24,24); every
+    other model and image size keeps the code's pixels. The papers give no trigger position.
+
+    A pixel is read when the gradient of the model's outputs on random inputs is non-zero there (any channel).
+    """
+    device = fl.device_of(model)
+    x = torch.randn(8, *sample_shape, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+    gradient, = torch.autograd.grad(model(x).sum(), x)
+    read = (gradient.abs().sum((0, 1)) > 0).cpu()  # [H, W]
+    for shift in range(min(min(p) for p in pixels) + 1):
+        moved = [(r - shift, c - shift) for r, c in pixels]
+        if all(read[r, c] for r, c in moved):
+            return moved
+    raise ValueError(f"the model reads none of the positions the trigger {pixels} can move to")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attacks
+import data
 import fl
 
 
@@ -343,6 +344,41 @@ def test_backdoor_differs_from_honest_update_and_is_deterministic():
     assert not torch.allclose(poisoned, honest, atol=1e-4)
     again = attacks.backdoor_update(model, w_global, x, y, xp, 0, 0.05, gen(3), scale=1.0)
     assert torch.equal(poisoned, again)
+
+
+def output_changes(model, shape, pixel):
+    """Whether the model's outputs change when channel 0 of ``pixel`` changes, on 4 random images."""
+    x = torch.randn(4, *shape, generator=gen(5))
+    x2 = x.clone()
+    x2[:, 0, pixel[0], pixel[1]] += 3.0
+    with torch.no_grad():
+        return not torch.equal(model(x), model(x2))
+
+
+def test_the_papers_cnn_on_28_pixels_never_reads_the_last_two_rows_and_columns():
+    # Valid 3x3 conv: 28 -> 26 rows; 2x2 pool: 13; conv: 11; pool floors to 5, using conv rows 0-9 only, which read
+    # pool rows 0-11, conv rows 0-23, input rows 0-25. So rows and columns 26-27 never reach the output.
+    torch.manual_seed(0)
+    model = fl.CNN(1, 28)
+    for pixel in [(26, 26), (24, 26), (26, 24), (27, 0), (0, 27)]:
+        assert not output_changes(model, (1, 28, 28), pixel)
+    for pixel in [(25, 25), (23, 25), (25, 23), (24, 24), (0, 0)]:
+        assert output_changes(model, (1, 28, 28), pixel)
+
+
+@pytest.mark.parametrize("name, shape, moved", [
+    ("cnn", (1, 28, 28), True), ("cnn", (3, 32, 32), False), ("cnn", (1, 8, 8), False),
+    ("mlp", (1, 28, 28), False), ("convnet", (1, 28, 28), False)])
+def test_the_trigger_moves_only_where_the_model_cannot_read_it(name, shape, moved):
+    torch.manual_seed(0)
+    model = fl.MODELS[name](shape[0], shape[1])
+    code = data.trigger_pixels(shape[1])
+    pixels = attacks.visible_trigger(model, code, shape)
+    if moved:  # one pixel up and left of the code's (26,26), (24,26), (26,24), (25,25)
+        assert pixels == [(25, 25), (23, 25), (25, 23), (24, 24)]
+    else:
+        assert pixels == code
+    assert all(output_changes(model, shape, p) for p in pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
