@@ -525,7 +525,8 @@ def backdoor_update(model, w_global, x, y, x_poisoned, target, lr, generator, sc
     the SGD steps of a benign client (same optimiser: ``fl.sgd_epoch``, plain SGD, seeded order).
 
     The trigger is the caller's: ``x_poisoned = data.add_trigger(x, pixels)`` with all 4 pixels for Scaling, or
-    only ``[pixels[cid % 4]]`` for DBA (client ``cid``'s local pattern). Target label 0 in FedREDefense.
+    only ``[pixels[cid % 4]]`` for DBA (client ``cid``'s local pattern), where ``pixels`` are the code's, moved where
+    the model reads them (``visible_trigger``). Target label 0 in FedREDefense.
 
     Knowledge: own data only.
 

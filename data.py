@@ -441,7 +441,8 @@ def trigger_pixels(image_size):
     The official code sets (26,26), (24,26), (26,24), (25,25) (three corners and the centre of the 3x3 block at
     rows/cols 24-26) on both 28x28 and 32x32 images. We generalise with the anchor a = min(image_size, 28) - 2:
     [(a,a), (a-2,a), (a,a-2), (a-1,a-1)], which gives exactly those pixels at 28 and 32 px, and (6,6), (4,6),
-    (6,4), (5,5) on 8x8 digits. DBA gives client ``cid`` the single pixel ``pixels[cid % 4]``.
+    (6,4), (5,5) on 8x8 digits. DBA gives client ``cid`` the single pixel ``pixels[cid % 4]``. The paper's CNN never
+    reads rows and columns 26-27 of 28x28 images; ``attacks.visible_trigger`` moves the pattern where it does.
     """
     if image_size < 4:
         raise ValueError(f"the trigger needs images of at least 4x4 pixels, got {image_size}")
