@@ -553,9 +553,10 @@ def visible_trigger(model, pixels, sample_shape):
     code's pixels (``data.trigger_pixels``: rows and columns 24-26) are read by its ConvNet, by the MLP, and by the
     paper's CNN (Table 5, ``fl.CNN``) on 8- and 32-pixel images. On 28-pixel images that CNN, with valid
     convolutions, reads rows and columns 0-25 only: its second 2x2 max-pool floors 11 rows to 5 and drops the last.
-    Three of the four pixels would be invisible to it, and the backdoor could not be learned (RESULTS, "The trigger
-    and what the model reads"). There the pattern moves by one pixel, to (25,25), (23,25), (25,23), (24,24); every
-    other model and image size keeps the code's pixels. The papers give no trigger position.
+    Three of the four pixels would never reach its output. There the pattern moves by one pixel, to (25,25),
+    (23,25), (25,23), (24,24); every other model and image size keeps the code's pixels. The papers give no trigger
+    position. (Where it reads the trigger, that CNN still barely learns it: RESULTS.md, "The backdoor trigger and
+    the paper's CNN (FashionMNIST)".)
 
     A pixel is read when the gradient of the model's outputs on random inputs is non-zero there (any channel).
     """

@@ -43,8 +43,9 @@ class CNN(nn.Module):
     Padding: the tables give none (the MXNet CNN they come from uses valid convolutions), so images of 16 px and
     more use padding 0. Two valid conv+pool stages would shrink 8x8 digits to nothing, so smaller images use
     padding 1. On 28x28 images the second pool floors 11 rows to 5, so rows and columns 26-27 never reach the
-    output (the backdoor trigger moves where the model reads: ``attacks.visible_trigger``). The FedREDefense authors' code (github: xyq7/FedREDefense, ``codes/models.py:ConvNet``) trains a
-    3-layer ConvNet-128 instead (``ConvNet``, run.py --model convnet); by default we follow the paper.
+    output (the backdoor trigger moves where the model reads: ``attacks.visible_trigger``). The FedREDefense
+    authors' code (github: xyq7/FedREDefense, ``codes/models.py:ConvNet``) trains a 3-layer ConvNet-128 instead
+    (``ConvNet``, run.py --model convnet); by default we follow the paper.
     """
 
     def __init__(self, in_channels, image_size, num_classes=10):
