@@ -554,7 +554,8 @@ def run(args, checkpoint=None):
     model, x_train, x_test = fl.in_fast_format(model, x_train, x_test)
     w = w_init = fl.flatten_params(model)
     lr = fl.LOCAL_LR[args.dataset]
-    pixels = attacks.visible_trigger(model, data.trigger_pixels(ds.x_train.shape[2]), tuple(ds.x_train.shape[1:]))
+    code_pixels = data.trigger_pixels(ds.x_train.shape[2])  # the authors' trigger, moved where the model reads it
+    pixels = attacks.visible_trigger(model, code_pixels, tuple(ds.x_train.shape[1:]))
     add_trigger = lambda x: data.add_trigger(x, pixels)
     defense = make_defense(args, model, ds, x_train, y_train, w_init, device)
     groups = getattr(defense, "groups", None)  # an ensemble (FLCert): one global model per group of clients
@@ -571,7 +572,7 @@ def run(args, checkpoint=None):
         print(f"resuming {args.out} after round {len(rounds)}", flush=True)
     marks_clients = getattr(defense, "expels", False)  # Algorithm 1: a flagged client is removed for good
     print(f"threat model: {threat_model(args)}; {scale_of(args)}", flush=True)
-    if args.attack in attacks.BACKDOOR and pixels != data.trigger_pixels(ds.x_train.shape[2]):
+    if args.attack in attacks.BACKDOOR and pixels != code_pixels:
         print(f"trigger: pixels {pixels}, moved up-left to where the model reads (attacks.visible_trigger)", flush=True)
     if SHARED_CORES:
         print("other work is using the cores: this run's threads sleep while they wait, which is slower than on "
