@@ -391,6 +391,8 @@ def summarize(paths, figures=None):
             skipped.append(str(e))
     if not runs and not grids:
         raise fl.UserError(f"argument --summarize: nothing finished to summarize ({'; '.join(skipped)})")
+    drawn = runs + [r for root in grids for r in read_grid(root)[1].values()] if figures else []
+    figure_groups(drawn)  # a mix that one figure would average is refused before anything is written
     for reason in skipped:
         sys.stderr.write(f"run.py: skipped {reason}\n")
     if runs:
@@ -400,7 +402,7 @@ def summarize(paths, figures=None):
         with open(os.path.join(root, "summary.md")) as f:
             print(f.read(), end="")
     if figures:
-        write_figures(runs + [r for root in grids for r in read_grid(root)[1].values()], figures)
+        write_figures(drawn, figures)
 
 
 def finished_run(path):
@@ -471,12 +473,10 @@ def write_figures(runs, folder):
     reconstruction errors of genuine and attacking updates against gamma (``figure_errors``); FedDefuse's DBSCAN
     gate, its statistic per round (``figure_gate``) and its eps trade-off (``figure_eps``). A figure whose runs
     are not among ``runs`` is left out. Pattern I runs only."""
+    groups = figure_groups(runs)
     os.makedirs(folder, exist_ok=True)
-    runs = [r for r in runs if r["config"]["pattern"] == "I"]
-    settings = sorted({(r["config"]["dataset"], r["config"]["protocol"]) for r in runs})
     written = []
-    for dataset, protocol in settings:
-        group = [r for r in runs if (r["config"]["dataset"], r["config"]["protocol"]) == (dataset, protocol)]
+    for (dataset, protocol), group in groups.items():
         of = lambda defense: [r for r in group if r["config"]["defense"] == defense]
         name = f"{dataset}-{protocol}"
         drawn = [(f"tacc-{name}.png", figure_tacc, [r for r in group if r["config"]["defense"] in HEADLINE]),
@@ -493,6 +493,21 @@ def write_figures(runs, folder):
             print("\n".join([f"FedDefuse's stages, replayed ({dataset}, {protocol}):", ""] + gate_table(of("feddefuse"))
                             + [""]))
     print("wrote " + (", ".join(written) if written else "no figure (no pattern I run of the figures' defenses)"))
+
+
+def figure_groups(runs):
+    """The pattern I runs by dataset and protocol, a set of figures each; a ``fl.UserError`` where one set would mix
+    threat models (the model, sampling or knowledge) or scales, since a figure averages its runs over the seeds."""
+    groups = {}
+    for r in runs:
+        if r["config"]["pattern"] == "I":
+            groups.setdefault((r["config"]["dataset"], r["config"]["protocol"]), []).append(r)
+    for (dataset, protocol), group in groups.items():
+        settings = sorted({f"{run.threat_model(r['config'])}, {run.scale_of(r['config'])}" for r in group})
+        if len(settings) > 1:
+            raise fl.UserError(f"argument --figures: the {dataset} runs under the {protocol} protocol differ "
+                               f"({'; '.join(settings)}), and a figure averages its runs: pass one setting's at a time")
+    return dict(sorted(groups.items()))
 
 
 def attacks_of(runs):

@@ -1,9 +1,13 @@
 """RESULTS.md's figures (grid.write_figures): the eps replay is the live gate, and every figure is drawn."""
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import feddefuse
+import fl
 import grid
 import run
 
@@ -61,6 +65,28 @@ def test_every_figure_is_drawn_from_its_runs(runs, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == names
     assert all((tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
     assert capsys.readouterr().out.count(".png") == len(names)
+
+
+@pytest.mark.xdist_group("figure-runs")
+@pytest.mark.parametrize("key, value", [("model", "mlp"), ("knowledge", "full"), ("clients", 9), ("rounds", 3)])
+def test_runs_of_two_settings_are_refused_before_anything_is_written(runs, tmp_path, capsys, key, value):
+    """One figure averages its runs over the seeds, so runs of one dataset and protocol but another model,
+    knowledge or scale would be averaged with them: ``--summarize ... --figures`` refuses them in one line before
+    it prints a table or writes a figure."""
+    other = copy.deepcopy(runs["fedredefense", "mpaf"])
+    other["config"][key] = value
+    folders = []
+    for name, r in (("one", runs["fedredefense", "mpaf"]), ("other", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+        folders.append(str(tmp_path / name))
+    with pytest.raises(fl.UserError, match=r"^argument --figures: the digits runs under the fedredefense protocol "
+                                           r"differ \(.*; .*\)"):
+        grid.summarize(folders, str(tmp_path / "figures"))
+    assert not (tmp_path / "figures").exists() and capsys.readouterr().out == ""
+    grid.summarize(folders[:1], str(tmp_path / "figures"))  # one setting: drawn
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"tacc-digits-fedredefense.png",
+                                                                  "errors-digits-fedredefense.png"}
 
 
 @pytest.mark.xdist_group("figure-runs")
