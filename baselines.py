@@ -922,11 +922,12 @@ def btbcn(points, min_cluster_size=3):
     are both noise, so everyone left is flagged.
     """
     from scipy.cluster.hierarchy import linkage, to_tree
+    from scipy.spatial.distance import pdist
 
     n = len(points)
     if n < 2:
         return torch.zeros(n, dtype=torch.bool)
-    node = to_tree(linkage(points.cpu().numpy(), method="ward"))
+    node = to_tree(linkage(pdist(points.cpu().numpy()), method="ward"))  # Euclidean distances, as linkage's own
     small = lambda child: child.count <= min_cluster_size
     noise = []
     while small(node.left) or small(node.right):
