@@ -554,8 +554,8 @@ def run(args, checkpoint=None):
     model, x_train, x_test = fl.in_fast_format(model, x_train, x_test)
     w = w_init = fl.flatten_params(model)
     lr = fl.LOCAL_LR[args.dataset]
-    code_pixels = data.trigger_pixels(ds.x_train.shape[2])  # the authors' trigger, moved where the model reads it
-    pixels = attacks.visible_trigger(model, code_pixels, tuple(ds.x_train.shape[1:]))
+    code_pixels = data.trigger_pixels(ds.x_train.shape[2])  # the authors' trigger pixels
+    pixels = attacks.visible_trigger(model, code_pixels, tuple(ds.x_train.shape[1:]))  # moved where the model reads
     add_trigger = lambda x: data.add_trigger(x, pixels)
     defense = make_defense(args, model, ds, x_train, y_train, w_init, device)
     groups = getattr(defense, "groups", None)  # an ensemble (FLCert): one global model per group of clients
