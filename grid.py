@@ -624,9 +624,9 @@ def figure_gate(runs, title):
 
 def gate_rounds(r):
     """Per round of the FedDefuse run ``r``, what its DBSCAN gate decides between: (``gate_gaps``, attacking,
-    KMeans's choice, the split's Delta_b), the choice being the live one where KMeans ran and ``feddefuse.select_benign`` on the recorded Phi
-    (the live call) where the gate kept everyone. Neither d_b nor Phi depends on eps, so ``gate_at`` reruns the
-    gate exactly for any eps (min_samples 2, every dataset's)."""
+    KMeans's choice, the split's Delta_b), the choice being the live one where KMeans ran and
+    ``feddefuse.select_benign`` on the recorded Phi (the live call) where the gate kept everyone. Neither d_b nor
+    Phi depends on eps, so ``gate_at`` reruns the gate exactly for any eps (min_samples 2, every dataset's)."""
     out = []
     for x in r["rounds"]:
         d = x["details"]
@@ -660,7 +660,8 @@ def gate_table(runs):
     """Which stage of FedDefuse lets each attack through, replayed from the records (markdown rows): MR as run;
     MR with a perfect gate (KMeans in exactly the attacked rounds, everyone kept in the others), the least any
     DBSCAN gate can give; the least MR of a DBSCAN gate whose attack-free FPR stays <= 3% over ``EPS_GRID`` and the
-    dataset's eps (with attack-free runs); and the share of attacking updates that the split by recoverability puts in Delta_b."""
+    dataset's eps (with attack-free runs); and the share of attacking updates that the split by recoverability
+    puts in Delta_b."""
     calm = [gate_rounds(r) for r in runs if r["config"]["attack"] == "none"]
     grid_ = sorted(set(EPS_GRID) | {feddefuse.HYPER[runs[0]["config"]["dataset"]].dbscan_eps})
     free = [100 * np.mean([fpr(gate_at(g, c, eps), a) for rounds in calm for g, a, c, _ in rounds])
@@ -680,9 +681,9 @@ def gate_table(runs):
 
 
 def figure_eps(runs, title):
-    """FedDefuse's gate over eps, replayed (``gate_rounds``, ``gate_at``): left, each attack's MR and the attack-free runs'
-    FPR (the share of genuine updates KMeans drops) against eps; right, MR against attack-free FPR, the trade-off
-    any eps can reach, with this dataset's eps marked."""
+    """FedDefuse's gate over eps, replayed (``gate_rounds``, ``gate_at``): left, each attack's MR and the
+    attack-free runs' FPR (the share of genuine updates KMeans drops) against eps; right, MR against attack-free
+    FPR, the trade-off any eps can reach, with this dataset's eps marked."""
     hp = feddefuse.HYPER[runs[0]["config"]["dataset"]]
     attacks_ = [a for a in attacks_of(runs) if a != "none"]
     calm = [r for r in runs if r["config"]["attack"] == "none"]
