@@ -583,7 +583,7 @@ def run(args, checkpoint=None):
         available = [c for c in range(args.clients) if c not in expelled]
         clients = sample_participants(available, malicious, args.participants, args.max_malicious_share, rng,
                                       args.sampling)
-        is_malicious = torch.tensor([c in malicious for c in clients])
+        is_malicious = torch.tensor([c in malicious for c in clients], dtype=torch.bool)  # bool even with nobody left
         attacking = attacking_now(args.pattern, t, is_malicious, args.attack_rounds, args.attack_prob, rng)
 
         # Local training: genuine, or on poisoned data for an attacking Scaling/DBA client; clients run one per

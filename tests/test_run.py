@@ -172,10 +172,13 @@ def test_colluding_attackers_know_what_their_knowledge_level_says(knowledge, mon
         assert not any(zero for _, _, zero in calls)
 
 
-def test_a_round_with_every_client_expelled_keeps_the_model(monkeypatch, tmp_path):
+@pytest.mark.parametrize("pattern", ["I", "II", "III"])
+def test_a_round_with_every_client_expelled_keeps_the_model(pattern, monkeypatch, tmp_path):
+    """Round 2 has no participant left, under every attack pattern (II and III schedule attacks on an empty
+    round)."""
     monkeypatch.setitem(fedredefense.HYPER, "digits",
                         fedredefense.Hyper(1e-1, 5e-2, 2e-1, 1e-3, first_iters=1, max_iters=1, gamma=1e-3))
-    results = run.run(run.parse_args(TINY + ["--out", str(tmp_path)]))
+    results = run.run(run.parse_args(TINY + ["--pattern", pattern, "--out", str(tmp_path)]))
     first, second = results["rounds"]
     assert len(first["flagged"]) == 6 and second["participants"] == [] and second["tacc"] == first["tacc"]
     assert results["final"]["dacc"] == 2 / 6 and results["final"]["fpr"] == 1.0 and results["final"]["fnr"] == 0.0
