@@ -559,7 +559,7 @@ class FedREDefense:
         not depend on the other attackers' trials; it is computed with the vmapped arithmetic of the server's own
         test of the round (a trial tested alone runs without vmap, which rounds differently).
 
-        Every trial starts from that copy, as Algorithm 3 line 5 has it (each Reconstruction takes K_i^{t-1}; the
+        Every trial starts from that copy, as Algorithm 3 line 6 has it (each Reconstruction takes K_i^{t-1}; the
         K_i^t it returns is the last trial's), so ``passes`` is the verdict the server will reach on the update.
         A variant that threads K from trial to trial (not Algorithm 3) lets the attacker test against a K refined
         by up to four caps' worth of iterations the server does not have: on digits (round 1, targeted label
